@@ -1,0 +1,44 @@
+"""ttt-jax: one-minute video generation with test-time training, in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# Ranges are the ones we test: jax 0.10.x on CPU here, 0.11.x on the GPU machines.
+INSTALL_REQUIRES = [
+    "jax>=0.10.0,<0.12",
+    "flax>=0.12.0,<0.13",
+    "optax>=0.2.5,<0.3",
+    "orbax-checkpoint>=0.11,<0.13",
+    "einops>=0.8,<0.9",
+    "ml_collections>=1.0,<2",
+    "clu>=0.0.12",
+    "absl-py>=2.1",
+    "numpy>=1.26",
+    "tqdm>=4.66",
+]
+
+EXTRAS = {
+    # PyTorch parity checks (diffusers/transformers models with the same weights).
+    # torch is pinned to the CPU build the dev/CI machines carry; an unpinned torch
+    # pulls a multi-GB CUDA build.
+    "torch": [
+        "torch==2.13.0",
+        "diffusers>=0.35,<0.43",
+        "transformers>=4.50,<6",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "accelerate>=1.0",
+    ],
+    "video": ["imageio>=2.34", "imageio-ffmpeg>=0.5"],
+}
+EXTRAS["test"] = sorted(
+    set(EXTRAS["torch"] + EXTRAS["video"] + ["pytest>=8", "pytest-xdist>=3.5"]))
+
+setup(
+    name="ttt_jax",
+    version="0.1.0",
+    description=__doc__,
+    packages=find_packages(include=["ttt_jax", "ttt_jax.*", "pallas_kernels",
+                                    "pallas_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
