@@ -1,0 +1,215 @@
+"""ttt_scan against the public reference (golden), a naive float64 loop, and finite differences."""
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ttt_jax.ttt import init_params, ttt_scan
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+# --------------------------------------------------------------------------------------------
+# Naive reference: per (batch, head) Python loops with materialised weights, its own LayerNorm
+# and model, gradients by jax.grad of a per-token loss. Shares no code with ttt_jax.ttt.
+def _ln(x, w, b, eps):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / jnp.sqrt(var + eps) * w + b
+
+
+def _fres(inner, w, x):
+  h = x @ w["W1"] + w["b1"][0]
+  if inner == "linear":
+    return h
+  return jax.nn.gelu(h, approximate=True) @ w["W2"] + w["b2"][0]
+
+
+def naive_ttt(inner, params, xq, xk, xv, eta, mb, causal, eps=1e-8):
+  """eta [B, H, S] or [B, H, S, mb]. Returns z [B, H, S, d] and final weights [B, H, ...]."""
+  keys = ["W1", "b1"] + (["W2", "b2"] if inner == "mlp" else [])
+  bsz, heads, seq, _ = xq.shape
+  z = np.zeros(xq.shape)
+  finals = {k: [] for k in keys}
+
+  def tok_grad(w, lw, lb, k, v):
+    loss = lambda w_: 0.5 * jnp.sum((_ln(_fres(inner, w_, k[None]), lw, lb, eps) - (v - k)) ** 2)
+    return jax.grad(loss)(w)
+
+  for bi in range(bsz):
+    for h in range(heads):
+      w = {k: jnp.asarray(params[k][h]) for k in keys}
+      lw, lb = params["ln_weight"][h], params["ln_bias"][h]
+      for start in range(0, seq, mb):
+        toks = range(start, min(start + mb, seq))
+        grads = [tok_grad(w, lw, lb, xk[bi, h, t], xv[bi, h, t]) for t in toks]
+
+        def step(t_read, i_src, s):
+          if eta.ndim == 4:
+            return eta[bi, h, t_read, i_src]
+          return eta[bi, h, s]
+
+        def weights_after(t_read, upto):
+          return {k: w[k] - sum(step(t_read, i, s) * grads[i][k]
+                                for i, s in enumerate(toks) if i <= upto) for k in keys}
+
+        last = len(toks) - 1
+        for i, t in enumerate(toks):
+          wt = weights_after(t, i) if causal else weights_after(toks[last], last)
+          z[bi, h, t] = xq[bi, h, t] + _ln(_fres(inner, wt, xq[bi, h, t][None]), lw, lb, eps)[0]
+        w = weights_after(toks[last], last)
+      for k in keys:
+        finals[k].append(np.asarray(w[k]))
+  return z, {k: np.stack(v).reshape(bsz, heads, *v[0].shape) for k, v in finals.items()}
+
+
+def random_case(inner, key, batch=2, heads=2, seq=24, d=8, dtype=jnp.float64, eta_scale=0.3):
+  ks = jax.random.split(key, 6)
+  params = init_params(inner, ks[0], heads, d, dtype=dtype, std=0.3)
+  params["ln_weight"] = 1 + 0.1 * jax.random.normal(ks[5], (heads, d), dtype)
+  params["b1"] = params["b1"] + 0.1
+  x = [jax.random.normal(k, (batch, heads, seq, d), dtype) for k in ks[1:4]]
+  eta = eta_scale * jax.random.uniform(ks[4], (batch, heads, seq), dtype)
+  return params, x, eta
+
+
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("inner,name", [("mlp", "ttt_mlp_noncausal"),
+                                        ("linear", "ttt_linear_noncausal")])
+@pytest.mark.parametrize("impl", ["grad", "dual"])
+def test_matches_public_reference_golden(x64, inner, name, impl):
+  g = dict(np.load(DATA / f"{name}.npz"))
+  params = {k[len("param_"):]: jnp.asarray(v) for k, v in g.items() if k.startswith("param_")}
+  z, final = ttt_scan(inner, params, g["xq"], g["xk"], g["xv"], g["eta"],
+                      mini_batch_size=int(g["mini_batch_size"]), impl=impl)
+  # The reference rounds its GELU-derivative constants: agreement to ~1e-9, not to the last bit.
+  np.testing.assert_allclose(np.asarray(z), g["z"], rtol=0, atol=1e-9)
+  assert final["W1"].shape == (g["xq"].shape[0],) + params["W1"].shape
+
+
+@pytest.mark.parametrize("inner", ["mlp", "linear"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq,mb", [(24, 8), (21, 4)])
+def test_grad_and_dual_match_naive_loop(x64, inner, causal, seq, mb):
+  params, (xq, xk, xv), eta = random_case(inner, jax.random.key(seq + mb), seq=seq)
+  z_ref, final_ref = naive_ttt(inner, params, *map(np.asarray, (xq, xk, xv, eta)), mb, causal)
+  for impl in ("grad", "dual"):
+    z, final = ttt_scan(inner, params, xq, xk, xv, eta, mini_batch_size=mb, causal=causal,
+                        impl=impl, checkpoint_group_size=2)
+    np.testing.assert_allclose(np.asarray(z), z_ref, rtol=1e-10, atol=1e-10, err_msg=impl)
+    for k in final_ref:
+      np.testing.assert_allclose(np.asarray(final[k]), final_ref[k], rtol=1e-10, atol=1e-10,
+                                 err_msg=f"{impl} {k}")
+
+
+@pytest.mark.parametrize("inner", ["mlp", "linear"])
+def test_causal_per_source_eta_matches_naive_loop(x64, inner):
+  """The [batch, heads, seq, mini_batch] eta of ttt-lm-jax's 1/(t+1) token-index scaling."""
+  mb = 4
+  params, (xq, xk, xv), eta = random_case(inner, jax.random.key(7), seq=12)
+  scale = 1.0 / jnp.arange(1, mb + 1, dtype=eta.dtype)  # token t of a mini-batch: 1/(t+1)
+  eta4 = jnp.tile(scale, 3)[None, None, :, None] * eta.reshape(2, 2, 3, 1, mb).repeat(
+      mb, axis=3).reshape(2, 2, 12, mb)
+  z_ref, final_ref = naive_ttt(inner, params, *map(np.asarray, (xq, xk, xv, eta4)), mb, True)
+  for impl in ("grad", "dual"):
+    z, final = ttt_scan(inner, params, xq, xk, xv, eta4, mini_batch_size=mb, causal=True,
+                        impl=impl)
+    np.testing.assert_allclose(np.asarray(z), z_ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(final["W1"]), final_ref["W1"], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("inner", ["mlp", "linear"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(1, 3, 32, 16, 8), (2, 2, 40, 8, 16)])
+def test_grad_vs_dual_fp32(inner, causal, shape):
+  batch, heads, seq, d, mb = shape
+  params, (xq, xk, xv), eta = random_case(inner, jax.random.key(seq), batch, heads, seq, d,
+                                          dtype=jnp.float32, eta_scale=0.05)
+  run = lambda impl: ttt_scan(inner, params, xq, xk, xv, eta, mini_batch_size=mb,
+                              causal=causal, impl=impl)
+  (zg, fg), (zd, fd) = run("grad"), run("dual")
+  assert zg.dtype == jnp.float32
+  np.testing.assert_allclose(zd, zg, rtol=1e-5, atol=1e-5)
+  for k in fg:
+    np.testing.assert_allclose(fd[k], fg[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("inner", ["mlp", "linear"])
+@pytest.mark.parametrize("impl", ["grad", "dual"])
+def test_outer_gradients_match_finite_differences(x64, inner, impl):
+  """Gradients through the inner loop w.r.t. W0, ln params, eta and inputs (directional FD)."""
+  params, (xq, xk, xv), eta = random_case(inner, jax.random.key(3), batch=1, heads=2, seq=12,
+                                          d=4)
+  args = (params, xq, xk, xv, eta)
+  probe = jax.random.normal(jax.random.key(11), xq.shape, jnp.float64)
+
+  def objective(params, xq, xk, xv, eta):
+    z, final = ttt_scan(inner, params, xq, xk, xv, eta, mini_batch_size=4, impl=impl,
+                        checkpoint_group_size=2)
+    return jnp.sum(z * probe) + jnp.sum(jnp.sin(final["W1"]))
+
+  objective = jax.jit(objective)
+  grads = jax.jit(jax.grad(objective, argnums=tuple(range(5))))(*args)
+  keys = jax.random.split(jax.random.key(5), 5)
+  for i in range(5):
+    direction = jax.tree.map(lambda a: jax.random.normal(keys[i], a.shape, a.dtype), args[i])
+    shifted = lambda s: objective(*(jax.tree.map(lambda a, v: a + s * v, args[j], direction)
+                                    if j == i else args[j] for j in range(5)))
+    eps = 1e-5
+    fd = (shifted(eps) - shifted(-eps)) / (2 * eps)
+    analytic = sum(jnp.vdot(g, v) for g, v in zip(jax.tree.leaves(grads[i]),
+                                                  jax.tree.leaves(direction)))
+    np.testing.assert_allclose(analytic, fd, rtol=1e-6, atol=1e-8, err_msg=f"argument {i}")
+
+
+@pytest.mark.parametrize("impl", ["grad", "dual"])
+def test_checkpoint_groups_do_not_change_results(x64, impl):
+  params, (xq, xk, xv), eta = random_case("mlp", jax.random.key(1), seq=56, eta_scale=0.05)
+
+  def loss(params, xq, group):
+    z, _ = ttt_scan("mlp", params, xq, xk, xv, eta, mini_batch_size=8, impl=impl,
+                    checkpoint_group_size=group)
+    return jnp.sum(z ** 2)
+
+  run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+  ref = run(params, xq, None)
+  for group in (1, 3):  # 7 mini-batches: 3 leaves a remainder group
+    out = run(params, xq, group)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11, err_msg=f"group {group}")
+
+
+def test_jit_vmap_and_bf16():
+  params, (xq, xk, xv), eta = random_case("mlp", jax.random.key(4), seq=16, dtype=jnp.float32,
+                                          eta_scale=0.05)
+  f = jax.jit(functools.partial(ttt_scan, "mlp", mini_batch_size=8, impl="dual"))
+  z, _ = ttt_scan("mlp", params, xq, xk, xv, eta, mini_batch_size=8)
+  zj, _ = f(params, xq, xk, xv, eta)
+  np.testing.assert_allclose(zj, z, rtol=1e-5, atol=1e-5)
+  # vmap over an extra leading axis equals the loop over it.
+  zv, _ = jax.vmap(lambda q: f(params, q, xk, xv, eta))(jnp.stack([xq, 2 * xq]))
+  np.testing.assert_allclose(zv[1], f(params, 2 * xq, xk, xv, eta)[0], rtol=1e-5, atol=1e-5)
+  # bf16 inputs: fp32 inner state, bf16 output close to the fp32 result.
+  bf = lambda a: a.astype(jnp.bfloat16)
+  zb, fb = f(params, bf(xq), bf(xk), bf(xv), bf(eta))
+  assert zb.dtype == jnp.bfloat16 and fb["W1"].dtype == jnp.float32
+  np.testing.assert_allclose(zb.astype(jnp.float32), z, rtol=0.05, atol=0.05)
+
+
+def test_errors_are_clear():
+  params, (xq, xk, xv), eta = random_case("linear", jax.random.key(0), seq=8, dtype=jnp.float32)
+  with pytest.raises(ValueError, match="inner model"):
+    ttt_scan("rnn", params, xq, xk, xv, eta, mini_batch_size=4)
+  with pytest.raises(ValueError, match="impl"):
+    ttt_scan("linear", params, xq, xk, xv, eta, mini_batch_size=4, impl="cuda")
+  with pytest.raises(ValueError, match="xq, xk, xv"):
+    ttt_scan("linear", params, xq, xk[:, :, :4], xv, eta, mini_batch_size=4)
+  with pytest.raises(ValueError, match="eta"):
+    ttt_scan("linear", params, xq, xk, xv, eta[..., :3], mini_batch_size=4)
+  with pytest.raises(ValueError, match="only"):
+    ttt_scan("linear", params, xq, xk, xv, jnp.zeros(eta.shape + (4,)), mini_batch_size=4)
+  with pytest.raises(ValueError, match="keys"):
+    ttt_scan("mlp", params, xq, xk, xv, eta, mini_batch_size=4)
