@@ -1,0 +1,141 @@
+"""TTTLayer: the Flax NNX module around `ttt_scan` (../shared/PAPER.md, "TTT layer").
+
+  XQ, XK, XV = x θQ, x θK, x θV            split into heads, [batch, seq, heads, head_dim]
+  XQ, XK     = L2-normalised per head, then 3D RoPE on video tokens (through `rope`)
+  XV         = XK + LN_h(XV - XK)          if normalize_target (the public reference does this,
+                                           with the rotated XK and the inner LN's parameters)
+  η_t        = inner_lr_base · sigmoid(x_t · w_h + b_h) / head_dim, per head
+  Z          = ttt_scan(XQ, XK, XV, η / mini_batch_size; W0)
+  out        = θO(LayerNorm(Z))            post-norm over the full width, eps 1e-6
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ttt_jax.ttt import inner as inner_lib
+from ttt_jax.ttt.scan import DEFAULT_CHECKPOINT_GROUP_SIZE, ttt_scan
+
+# Paper's training values: mini-batch 64 / inner lr 0.1 for MLP, 16 / 1.0 for Linear.
+DEFAULT_MINI_BATCH_SIZE = {"mlp": 64, "linear": 16}
+DEFAULT_INNER_LR_BASE = {"mlp": 0.1, "linear": 1.0}
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotary embedding with interleaved pairs (diffusers' CogVideoX convention).
+
+  x: [batch, seq, heads, head_dim]; cos, sin: [seq, head_dim], each value repeated for the two
+  members of a pair (cos = sin = identity rows, i.e. 1 and 0, for text tokens).
+  """
+  pairs = x.reshape(*x.shape[:-1], -1, 2)
+  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+  cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+  return (x * cos + rotated * sin).astype(x.dtype)
+
+
+def _at_least_f32(x: jax.Array) -> jax.Array:
+  """Statistics in fp32 for bf16 input; float64 stays float64."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  norm_sq = jnp.sum(jnp.square(_at_least_f32(x)), axis=-1, keepdims=True)
+  return (x * jax.lax.rsqrt(jnp.maximum(norm_sq, eps * eps))).astype(x.dtype)
+
+
+class TTTLayer(nnx.Module):
+  """TTT-MLP / TTT-Linear sequence mixer.
+
+  Call: `layer(x, rope=None, reverse=False)` with x [batch, seq, width] -> [batch, seq, width].
+  `reverse=True` runs the same parameters over the reversed sequence (and reversed rope) and
+  returns the output in the original order: the backward half of the bidirectional block.
+  """
+
+  def __init__(self, width: int, num_heads: int, *, inner: str = "mlp",
+               mini_batch_size: int | None = None, inner_lr_base: float | None = None,
+               normalize_target: bool = True, inner_eps: float = inner_lib.DEFAULT_EPS,
+               post_norm_eps: float = 1e-6, impl: str = "dual",
+               checkpoint_group_size: int | None = DEFAULT_CHECKPOINT_GROUP_SIZE,
+               dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    inner_lib.check_inner(inner)
+    if width % num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+    self.width, self.num_heads, self.head_dim = width, num_heads, width // num_heads
+    self.inner = inner
+    self.mini_batch_size = mini_batch_size or DEFAULT_MINI_BATCH_SIZE[inner]
+    self.inner_lr_base = (DEFAULT_INNER_LR_BASE[inner] if inner_lr_base is None
+                          else inner_lr_base)
+    self.normalize_target, self.inner_eps = normalize_target, inner_eps
+    self.impl, self.checkpoint_group_size = impl, checkpoint_group_size
+    self.dtype = dtype
+
+    normal = nnx.initializers.normal(0.02)
+    # Logical axis names are metadata only (no eager sharding): modules build without a mesh.
+    named = lambda init, axes: nnx.with_partitioning(init, axes, eager_sharding=False)
+    proj = lambda axes: dict(
+        use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        kernel_init=named(normal, axes), bias_init=named(nnx.initializers.zeros_init(), axes[1:]))
+    self.wq = nnx.Linear(width, width, **proj(("embed", "heads")))
+    self.wk = nnx.Linear(width, width, **proj(("embed", "heads")))
+    self.wv = nnx.Linear(width, width, **proj(("embed", "heads")))
+    self.wo = nnx.Linear(width, width, **proj(("heads", "embed")))
+    self.post_norm = nnx.LayerNorm(
+        width, epsilon=post_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        scale_init=named(nnx.initializers.ones_init(), ("embed",)),
+        bias_init=named(nnx.initializers.zeros_init(), ("embed",)))
+    # Per-head inner learning-rate gate: η_t = base · sigmoid(x_t · w_h + b_h) / head_dim.
+    self.lr_weight = nnx.Param(normal(rngs.params(), (width, num_heads), param_dtype),
+                               sharding=("embed", "heads"), eager_sharding=False)
+    self.lr_bias = nnx.Param(jnp.zeros((num_heads,), param_dtype), sharding=("heads",),
+                             eager_sharding=False)
+    w0 = inner_lib.init_params(inner, rngs.params(), num_heads, self.head_dim, dtype=param_dtype)
+    # W0 is learned and shared across the batch; one Param per weight so each can be named.
+    self.inner_weights = nnx.Dict({
+        k: nnx.Param(w0[k], sharding=("heads", None, None), eager_sharding=False)
+        for k in inner_lib.WEIGHT_KEYS[inner]})
+    self.ttt_norm_weight = nnx.Param(w0["ln_weight"], sharding=("heads", "head_dim"),
+                                     eager_sharding=False)
+    self.ttt_norm_bias = nnx.Param(w0["ln_bias"], sharding=("heads", "head_dim"),
+                                   eager_sharding=False)
+
+  def _split_heads(self, x: jax.Array) -> jax.Array:
+    return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+
+  def inner_lr(self, x: jax.Array) -> jax.Array:
+    """Per-token, per-head step η_t / mini_batch_size: x [batch, seq, width] -> [batch, heads, seq]."""
+    logits = _at_least_f32(x) @ _at_least_f32(self.lr_weight[...]) + self.lr_bias[...]
+    eta = self.inner_lr_base * jax.nn.sigmoid(logits) / self.head_dim / self.mini_batch_size
+    return jnp.swapaxes(eta, 1, 2)
+
+  def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None,
+               reverse: bool = False) -> jax.Array:
+    if x.ndim != 3 or x.shape[-1] != self.width:
+      raise ValueError(f"TTTLayer expects [batch, seq, {self.width}], got {x.shape}")
+    if rope is not None and rope[0].shape != (x.shape[1], self.head_dim):
+      raise ValueError(f"rope cos/sin must be [seq, head_dim] = {(x.shape[1], self.head_dim)}, "
+                       f"got {rope[0].shape}")
+    if reverse:
+      x = jnp.flip(x, axis=1)
+      rope = None if rope is None else tuple(jnp.flip(r, axis=0) for r in rope)
+    xq = _l2_normalize(self._split_heads(self.wq(x)))
+    xk = _l2_normalize(self._split_heads(self.wk(x)))
+    xv = self._split_heads(self.wv(x))
+    if rope is not None:
+      xq, xk = apply_rope(xq, *rope), apply_rope(xk, *rope)
+    ln_w, ln_b = self.ttt_norm_weight[...], self.ttt_norm_bias[...]
+    if self.normalize_target:
+      # As the public reference: normalise against the rotated XK.
+      target = inner_lib.layer_norm(_at_least_f32(xv - xk), ln_w, ln_b, self.inner_eps)
+      xv = (xk + target).astype(xv.dtype)
+    to_bhsd = lambda a: jnp.transpose(a, (0, 2, 1, 3))
+    params = {k: v[...] for k, v in self.inner_weights.items()}
+    params.update(ln_weight=ln_w, ln_bias=ln_b)
+    z, _ = ttt_scan(self.inner, params, to_bhsd(xq), to_bhsd(xk), to_bhsd(xv), self.inner_lr(x),
+                    mini_batch_size=self.mini_batch_size, impl=self.impl,
+                    checkpoint_group_size=self.checkpoint_group_size, eps=self.inner_eps)
+    z = jnp.transpose(z, (0, 2, 1, 3)).reshape(x.shape)
+    out = self.wo(self.post_norm(z))
+    return jnp.flip(out, axis=1) if reverse else out
