@@ -1,0 +1,180 @@
+"""transformers T5 encoder checkpoint (config.json + safetensors) -> `T5Encoder`, and to/from Orbax.
+
+Reads with `safetensors.numpy`, so torch is not needed. Accepts a single `model.safetensors` or a
+sharded one (`model.safetensors.index.json`, as CogVideoX's `text_encoder/` ships it).
+
+Every tensor is accounted for: a weight the model needs and the files lack, or a tensor the files
+hold that maps to nothing, is an error. Two exceptions, both as transformers loads them:
+  - `encoder.embed_tokens.weight` is tied to `shared.weight`; a save holds either or both;
+  - `decoder.*` and `lm_head.weight` of a full encoder-decoder checkpoint are skipped.
+
+A converted directory holds `config.json` (the T5Config fields, readable by `T5Config.from_hf`) and
+`params/`, an Orbax checkpoint of the model's pure-dict state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.flax
+import safetensors.numpy
+from flax import nnx
+
+from ttt_jax import checkpoint
+from ttt_jax.models.t5 import T5Config, T5Encoder
+
+_EMBED_KEY = "shared.weight"
+_TIED_EMBED_KEY = "encoder.embed_tokens.weight"
+_IGNORED_PREFIXES = ("decoder.", "lm_head.")
+
+Params = dict[str, Any]
+
+
+def _hf_key_to_path(config: T5Config) -> dict[str, tuple[str, ...]]:
+  """transformers tensor name -> path in the `T5Encoder` pure dict (layer indices as strings)."""
+  table = {
+      _EMBED_KEY: ("embed", "embedding"),
+      "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight":
+          ("relative_attention_bias", "embedding"),
+      "encoder.final_layer_norm.weight": ("final_norm", "scale"),
+  }
+  for i in range(config.num_layers):
+    hf, ours = f"encoder.block.{i}.layer.", ("layers", str(i))
+    table[hf + "0.layer_norm.weight"] = (*ours, "attn_norm", "scale")
+    for name in "qkvo":
+      table[hf + f"0.SelfAttention.{name}.weight"] = (*ours, name, "kernel")
+    table[hf + "1.layer_norm.weight"] = (*ours, "ffn_norm", "scale")
+    for name in ("wi_0", "wi_1", "wo"):
+      table[hf + f"1.DenseReluDense.{name}.weight"] = (*ours, name, "kernel")
+  return table
+
+
+def _load_shard(path: str) -> dict[str, Any]:
+  try:
+    return safetensors.numpy.load_file(path)
+  except TypeError:  # safetensors 0.4.x has no numpy bfloat16, and CogVideoX's T5 is bf16
+    return safetensors.flax.load_file(path)
+
+
+def _read_safetensors(src_dir: str) -> dict[str, Any]:
+  """Every tensor of the checkpoint: numpy arrays, or jax arrays from an old safetensors."""
+  index = os.path.join(src_dir, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+  elif os.path.exists(os.path.join(src_dir, "model.safetensors")):
+    shards = ["model.safetensors"]
+  else:
+    raise FileNotFoundError(
+        f"{src_dir}: neither model.safetensors nor model.safetensors.index.json")
+  tensors = {}
+  for shard in shards:
+    tensors.update(_load_shard(os.path.join(src_dir, shard)))
+  return tensors
+
+
+def _untie_embedding(tensors: dict[str, Any]) -> None:
+  """Leaves the token embedding under `shared.weight` only."""
+  if _TIED_EMBED_KEY not in tensors:
+    return
+  tied = tensors.pop(_TIED_EMBED_KEY)
+  if _EMBED_KEY not in tensors:
+    tensors[_EMBED_KEY] = tied
+  elif not np.array_equal(tensors[_EMBED_KEY], tied):
+    raise ValueError(f"{_TIED_EMBED_KEY} differs from {_EMBED_KEY}; the encoder ties them")
+
+
+def hf_to_params(config: T5Config, tensors: dict[str, Any],
+                 param_dtype: Any = jnp.float32) -> Params:
+  """Maps transformers tensors (numpy or jax arrays) to a `T5Encoder` pure dict (string layer
+  keys), in param_dtype.
+
+  Raises:
+    ValueError: listing every expected tensor that is missing and every unknown one.
+  """
+  tensors = {k: v for k, v in tensors.items() if not k.startswith(_IGNORED_PREFIXES)}
+  _untie_embedding(tensors)
+  table = _hf_key_to_path(config)
+  missing, unknown = sorted(table.keys() - tensors.keys()), sorted(tensors.keys() - table.keys())
+  if missing or unknown:
+    raise ValueError(f"T5 checkpoint does not match the encoder config:\n"
+                     f"  missing: {missing}\n  unknown: {unknown}")
+  params: Params = {}
+  for key, path in table.items():
+    value = tensors[key]
+    if path[-1] == "kernel":  # torch Linear stores [out, in]
+      value = value.T
+    node = params
+    for name in path[:-1]:
+      node = node.setdefault(name, {})
+    node[path[-1]] = jnp.asarray(value, param_dtype)
+  return params
+
+
+def _str_keys(tree: Params) -> Params:
+  """nnx pure dicts index layers by int; Orbax restores every key as a string."""
+  return {str(k): _str_keys(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def _abstract_encoder(config: T5Config, dtype: Any, param_dtype: Any):
+  """(graphdef, abstract state, string-keyed pure dict of ShapeDtypeStruct): nothing allocated."""
+  model = nnx.eval_shape(lambda: T5Encoder(config, dtype=dtype, param_dtype=param_dtype,
+                                           rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  return graphdef, state, _str_keys(nnx.to_pure_dict(state))
+
+
+def params_to_model(config: T5Config, params: Params, *, dtype: Any = jnp.float32,
+                    param_dtype: Any = jnp.float32) -> T5Encoder:
+  """Builds a `T5Encoder` holding `params` (a pure dict, int or string layer keys)."""
+  graphdef, state, abstract = _abstract_encoder(config, dtype, param_dtype)
+  want = {jax.tree_util.keystr(p): v.shape
+          for p, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  have = {jax.tree_util.keystr(p): np.shape(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(_str_keys(params))[0]}
+  wrong = {k: (have.get(k), want.get(k)) for k in want.keys() | have.keys()
+           if have.get(k) != want.get(k)}
+  if wrong:
+    raise ValueError("params do not fit the T5 config; (have, want) shapes: "
+                     f"{dict(sorted(wrong.items()))}")
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
+
+
+def load_hf_t5_encoder(src_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
+                       param_dtype: Any = jnp.float32) -> tuple[T5Config, T5Encoder]:
+  """Loads a transformers T5 encoder directory (config.json + safetensors) as a `T5Encoder`."""
+  src_dir = os.fspath(src_dir)
+  with open(os.path.join(src_dir, "config.json")) as f:
+    config = T5Config.from_hf(json.load(f))
+  params = hf_to_params(config, _read_safetensors(src_dir), param_dtype)
+  return config, params_to_model(config, params, dtype=dtype, param_dtype=param_dtype)
+
+
+def convert_t5(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
+               param_dtype: Any = jnp.float32) -> None:
+  """transformers T5 encoder directory -> `dst_dir/config.json` + Orbax `dst_dir/params`."""
+  config, model = load_hf_t5_encoder(src_dir, param_dtype=param_dtype)
+  dst_dir = os.fspath(dst_dir)
+  os.makedirs(dst_dir, exist_ok=True)
+  checkpoint.save_params(os.path.join(dst_dir, "params"),
+                         _str_keys(nnx.to_pure_dict(nnx.state(model))))
+  with open(os.path.join(dst_dir, "config.json"), "w") as f:
+    json.dump(dataclasses.asdict(config), f, indent=2)
+
+
+def load_t5(ckpt_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
+            param_dtype: Any = jnp.float32) -> tuple[T5Config, T5Encoder]:
+  """Reads a directory written by `convert_t5`."""
+  ckpt_dir = os.fspath(ckpt_dir)
+  with open(os.path.join(ckpt_dir, "config.json")) as f:
+    config = T5Config.from_hf(json.load(f))
+  graphdef, state, abstract = _abstract_encoder(config, dtype, param_dtype)
+  nnx.replace_by_pure_dict(state, checkpoint.load_params(os.path.join(ckpt_dir, "params"),
+                                                         abstract))
+  return config, nnx.merge(graphdef, state)
