@@ -13,6 +13,9 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "numpy>=1.26",
     "tqdm>=4.66",
+    # Converters read checkpoints without torch; the tokenizer needs sentencepiece.
+    "safetensors>=0.4.5",
+    "sentencepiece>=0.2",
 ]
 
 EXTRAS = {
@@ -23,8 +26,6 @@ EXTRAS = {
         "torch==2.13.0",
         "diffusers>=0.35,<0.43",
         "transformers>=4.50,<6",
-        "safetensors>=0.4",
-        "sentencepiece>=0.2",
         "accelerate>=1.0",
     ],
     "video": ["imageio>=2.34", "imageio-ffmpeg>=0.5"],

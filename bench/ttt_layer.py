@@ -1,0 +1,120 @@
+"""Benchmark of ttt_scan at the paper's per-head shapes; prints one JSON object per case.
+
+  python bench/ttt_layer.py [--heads 2] [--seqs 1024,4096] [--batch 1] [--repeats 3]
+
+Per case: tokens/s forward and forward+backward; achieved FLOP/s over the FLOP/s of a dense
+jnp.dot measured in the same process (`fraction_of_matmul`, so numbers from a noisy shared
+machine compare across runs); XLA's compiled memory footprint (arguments + outputs + temporaries)
+as `peak_bytes`. Full softmax attention at the same length is the quadratic reference.
+FLOPs are model FLOPs (matmuls only): forward+backward counts 3x forward, not the recompute.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+from ttt_jax.ttt import init_params, ttt_scan
+
+
+def _time(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile + warm-up
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def _peak_bytes(fn, *args) -> int:
+  mem = fn.lower(*args).compile().memory_analysis()
+  if mem is None:
+    return -1
+  return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes)
+
+
+def matmul_flops_per_s(repeats: int, n: int = 1024) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  fn = jax.jit(lambda a: a @ a)
+  return 2 * n**3 / _time(fn, a, repeats=repeats)
+
+
+def ttt_forward_flops(inner: str, tokens_x_heads: int, d: int) -> float:
+  # Per token and head: MLP has 7 matmuls of 2*d*4d (K through W1, W2; grad through W2^T; two
+  # weight updates; Q through W1', W2'), Linear has 3 of 2*d*d.
+  return tokens_x_heads * (7 * 8 * d * d if inner == "mlp" else 3 * 2 * d * d)
+
+
+def bench_ttt(inner, impl, batch, heads, seq, d, mb, group, repeats, matmul_rate):
+  params = init_params(inner, jax.random.key(0), heads, d)
+  ks = jax.random.split(jax.random.key(1), 4)
+  xq, xk, xv = (jax.random.normal(k, (batch, heads, seq, d)) for k in ks[:3])
+  eta = jnp.full((batch, heads, seq), 0.1 / d / mb)
+  run = functools.partial(ttt_scan, inner, mini_batch_size=mb, impl=impl,
+                          checkpoint_group_size=group)
+  fwd = jax.jit(lambda p, q, k, v: run(p, q, k, v, eta)[0])
+  fwd_bwd = jax.jit(jax.grad(lambda p, q, k, v: jnp.sum(run(p, q, k, v, eta)[0]),
+                             argnums=(0, 1, 2, 3)))
+  args = (params, xq, xk, xv)
+  t_fwd, t_bwd = _time(fwd, *args, repeats=repeats), _time(fwd_bwd, *args, repeats=repeats)
+  flops = ttt_forward_flops(inner, batch * seq * heads, d)
+  return _record(f"ttt_{inner}", impl, batch, heads, seq, t_fwd, t_bwd, flops, matmul_rate,
+                 _peak_bytes(fwd_bwd, *args), mini_batch_size=mb, head_dim=d)
+
+
+def bench_attention(batch, heads, seq, d, repeats, matmul_rate):
+  ks = jax.random.split(jax.random.key(2), 3)
+  q, k, v = (jax.random.normal(key, (batch, seq, heads, d)) for key in ks)
+  attn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v)
+  fwd = jax.jit(attn)
+  fwd_bwd = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v)), argnums=(0, 1, 2)))
+  t_fwd, t_bwd = _time(fwd, q, k, v, repeats=repeats), _time(fwd_bwd, q, k, v, repeats=repeats)
+  flops = 4 * batch * heads * seq * seq * d  # QK^T and PV
+  return _record("full_attention", "xla", batch, heads, seq, t_fwd, t_bwd, flops, matmul_rate,
+                 _peak_bytes(fwd_bwd, q, k, v), head_dim=d)
+
+
+def _record(mixer, impl, batch, heads, seq, t_fwd, t_bwd, fwd_flops, matmul_rate, peak, **extra):
+  tokens = batch * seq
+  return dict(
+      mixer=mixer, impl=impl, batch=batch, heads=heads, seq=seq, **extra,
+      fwd_s=round(t_fwd, 5), fwd_bwd_s=round(t_bwd, 5),
+      fwd_tokens_per_s=round(tokens / t_fwd, 1), fwd_bwd_tokens_per_s=round(tokens / t_bwd, 1),
+      fwd_fraction_of_matmul=round(fwd_flops / t_fwd / matmul_rate, 4),
+      fwd_bwd_fraction_of_matmul=round(3 * fwd_flops / t_bwd / matmul_rate, 4),
+      peak_bytes=peak, device=jax.devices()[0].device_kind)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--heads", type=int, default=2)
+  parser.add_argument("--seqs", default="1024,4096", help="comma-separated sequence lengths")
+  parser.add_argument("--head_dim", type=int, default=64)
+  parser.add_argument("--impls", default="grad,dual")
+  parser.add_argument("--inners", default="mlp,linear")
+  parser.add_argument("--checkpoint_group_size", type=int, default=16)
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args(argv)
+
+  matmul_rate = matmul_flops_per_s(args.repeats)
+  print(json.dumps({"case": "dense_matmul_1024", "flops_per_s": round(matmul_rate),
+                    "device": jax.devices()[0].device_kind}), flush=True)
+  for seq in map(int, args.seqs.split(",")):
+    for inner in args.inners.split(","):
+      mb = 64 if inner == "mlp" else 16  # the paper's training mini-batch sizes
+      for impl in args.impls.split(","):
+        print(json.dumps(bench_ttt(inner, impl, args.batch, args.heads, seq, args.head_dim, mb,
+                                   args.checkpoint_group_size, args.repeats, matmul_rate)),
+              flush=True)
+    print(json.dumps(bench_attention(args.batch, args.heads, seq, args.head_dim, args.repeats,
+                                     matmul_rate)), flush=True)
+
+
+if __name__ == "__main__":
+  main()
