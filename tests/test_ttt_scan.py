@@ -160,3 +160,22 @@ def test_errors_are_clear():
     ttt_scan("linear", params, xq, xk, xv, jnp.zeros(eta.shape + (4,)), mini_batch_size=4)
   with pytest.raises(ValueError, match="keys"):
     ttt_scan("mlp", params, xq, xk, xv, eta, mini_batch_size=4)
+
+
+@pytest.mark.parametrize("impl", ["grad", "dual"])
+def test_checkpoint_groups_bound_backward_memory(impl):
+  """XLA's compiled temporaries for fwd+bwd: per-mini-batch residuals without groups, only
+  group-boundary weights with them (16 -> 128 mini-batches)."""
+  params = init_params("mlp", jax.random.key(0), 1, 16)
+
+  def temp_bytes(seq, group):
+    x, eta = jnp.ones((1, 1, seq, 16)), jnp.full((1, 1, seq), 1e-3)
+    loss = lambda p, x: jnp.sum(ttt_scan("mlp", p, x, x, x, eta, mini_batch_size=8, impl=impl,
+                                         checkpoint_group_size=group)[0])
+    compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  growth_plain = temp_bytes(1024, None) - temp_bytes(128, None)
+  growth_grouped = temp_bytes(1024, 8) - temp_bytes(128, 8)
+  assert growth_plain > 0
+  assert growth_grouped < 0.1 * growth_plain, (growth_grouped, growth_plain)
