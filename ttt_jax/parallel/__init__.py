@@ -1,0 +1,3 @@
+"""Meshes and logical-axis rules (see mesh.py)."""
+from ttt_jax.parallel.mesh import (DEFAULT_RULES, MESH_AXES, activation_sharding, logical_to_spec,
+                                   make_mesh, shard_module, state_shardings)

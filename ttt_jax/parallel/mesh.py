@@ -1,0 +1,110 @@
+"""Device mesh and logical-axis rules: sharding is declared here once.
+
+Layers name their axes ('embed', 'heads', 'mlp', 'length', ...) and never mention devices. A rules
+table maps each logical name to mesh axes; scaling out changes the mesh shape and the table, not
+the model. Mesh axes:
+  data     pure data parallelism (parameters replicated)
+  fsdp     data parallelism with parameters and optimizer state sharded over it (ZeRO-3 style)
+  context  the sequence axis of activations: a minute of video is ~351k tokens
+  tensor   heads / MLP hidden split (Megatron style)
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+
+# Logical name -> mesh axes (tried in order; a mesh axis is used at most once per array).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", "context"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("conv_out", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("conv_in", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, context: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over `devices` (default: all) with axes MESH_AXES; one size may be -1 (the rest).
+
+  Raises:
+    ValueError: if the sizes do not multiply to the number of devices.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [data, fsdp, context, tensor]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices cannot be split by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                     f"have {len(devices)}")
+  # Auto axes: XLA propagates shardings from the annotated inputs/outputs of a jitted step.
+  return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(names: Iterable[str | None] | None, shape: Sequence[int], mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> PartitionSpec:
+  """PartitionSpec for an array whose axes carry logical `names`.
+
+  A dimension is sharded over a rule's mesh axes only if its size divides evenly and none of
+  those mesh axes is used by an earlier dimension; otherwise it is replicated (tiny local
+  configs on 8 devices stay valid).
+  """
+  if names is None:
+    return PartitionSpec()
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(names, shape):
+    target = table.get(name) if name is not None else None
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
+    if axes and size % int(np.prod([mesh.shape[a] for a in axes])) == 0:
+      used.update(axes)
+      spec.append(axes[0] if len(axes) == 1 else axes)
+    else:
+      spec.append(None)
+  return PartitionSpec(*spec)
+
+
+def _names(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+  meta = variable.get_metadata()
+  return meta.get("out_sharding") or meta.get("sharding")
+
+
+def state_shardings(state: nnx.State, mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> nnx.State:
+  """NamedSharding for every variable of an nnx.State, from its logical axis names."""
+  return jax.tree.map(
+      lambda v: v.replace(NamedSharding(mesh, logical_to_spec(_names(v), v.shape, mesh, rules))),
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_module(module: nnx.Module, mesh: Mesh,
+                 rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> nnx.Module:
+  """Places every variable of `module` on `mesh` per its logical names (in place); returns it."""
+  state = nnx.state(module)
+  nnx.update(module, jax.device_put(state, state_shardings(state, mesh, rules)))
+  return module
+
+
+def activation_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int],
+                        rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> NamedSharding:
+  """NamedSharding for an activation, e.g. names ('batch', 'length', 'embed')."""
+  return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
