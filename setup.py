@@ -28,7 +28,7 @@ EXTRAS = {
         "transformers>=4.50,<6",
         "accelerate>=1.0",
     ],
-    "video": ["imageio>=2.34", "imageio-ffmpeg>=0.5"],
+    "video": ["imageio-ffmpeg>=0.5", "pillow>=10"],
 }
 EXTRAS["test"] = sorted(
     set(EXTRAS["torch"] + EXTRAS["video"] + ["pytest>=8", "pytest-xdist>=3.5"]))
@@ -38,7 +38,7 @@ setup(
     version="0.1.0",
     description=__doc__,
     packages=find_packages(include=["ttt_jax", "ttt_jax.*", "pallas_kernels",
-                                    "pallas_kernels.*"]),
+                                    "pallas_kernels.*", "configs"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

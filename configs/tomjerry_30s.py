@@ -1,0 +1,6 @@
+"""Stage 30 s of the Tom-and-Jerry context extension. `configs/tomjerry_30s.py:runlocal` for CPU."""
+from configs.tomjerry_common import stage_config
+
+
+def get_config(arg=None):
+  return stage_config(30, arg)

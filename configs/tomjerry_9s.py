@@ -1,0 +1,6 @@
+"""Stage 9 s of the Tom-and-Jerry context extension. `configs/tomjerry_9s.py:runlocal` for CPU."""
+from configs.tomjerry_common import stage_config
+
+
+def get_config(arg=None):
+  return stage_config(9, arg)
