@@ -1,0 +1,121 @@
+"""DiT forward and train-step time per sequence mixer, and its growth with video length.
+
+  python bench/dit_step.py                       # every mixer, 1 and 21 segments, tiny model
+  python bench/dit_step.py --segments 1,3,6,10,21  # the paper's 3 s ... 63 s stages
+  python bench/dit_step.py --mixers ttt_mlp,none --segments 1,3 --grid 8 --layers 4
+
+One JSON object per case on stdout: mixer, segments, latent frames, tokens, attention
+("local": per-segment, the paper's layout; "full": one attention over the whole video, the
+quadratic reference), parameters, compile seconds, forward and train-step milliseconds
+(median of --repeats). A train step is loss (MSE to a random target) + grad + optimizer update.
+Mixers whose module cannot be imported are reported as {"mixer": ..., "skipped": reason}.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ttt_jax import mixers
+from ttt_jax.models.dit import DiT, DiTConfig, count_params
+
+
+def _time(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+  """(first call seconds incl. compile, median ms of `repeats` further calls)."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(1e3 * (time.perf_counter() - start))
+  return first, statistics.median(times)
+
+
+def run_case(cfg: DiTConfig, segments: int, args: argparse.Namespace) -> dict[str, Any]:
+  model = DiT(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  rng = np.random.default_rng(0)
+  frames = 1 + (args.frames_per_segment - 1) * segments
+  latents = jnp.asarray(rng.standard_normal(
+      (args.batch, frames, cfg.in_channels, args.grid, args.grid)), jnp.float32)
+  text = jnp.asarray(rng.standard_normal(
+      (args.batch, segments, args.text_len, cfg.text_embed_dim)), jnp.float32)
+  t = jnp.full((args.batch,), 500.0)
+  target = jnp.asarray(rng.standard_normal(latents.shape), jnp.float32)
+  optimizer = optax.adam(1e-4) if args.optimizer == "adam" else optax.sgd(1e-4)
+  opt_state = optimizer.init(params)
+
+  @jax.jit
+  def forward(p):
+    return nnx.merge(graphdef, p)(latents, text, t)
+
+  @jax.jit
+  def train_step(p, s):
+    loss_fn = lambda q: jnp.mean((nnx.merge(graphdef, q)(latents, text, t) - target) ** 2)
+    loss, grads = jax.value_and_grad(loss_fn)(p)
+    updates, s = optimizer.update(grads, s, p)
+    return optax.apply_updates(p, updates), s, loss
+
+  fwd_compile, fwd_ms = _time(lambda: forward(params), args.repeats)
+  step_compile, step_ms = _time(lambda: train_step(params, opt_state), args.repeats)
+  tokens = segments * args.text_len + frames * (args.grid // cfg.patch_size) ** 2
+  return dict(mixer=cfg.mixer, segments=segments, latent_frames=frames, tokens=tokens,
+              attention="local" if cfg.local_attention else "full",
+              params=count_params(model), compile_s=round(fwd_compile + step_compile, 2),
+              forward_ms=round(fwd_ms, 3), train_step_ms=round(step_ms, 3),
+              device=jax.devices()[0].platform)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--mixers", default=",".join(mixers.MIXERS))
+  parser.add_argument("--segments", default="1,21",
+                      help="segment counts; the paper's stages are 1,3,6,10,21")
+  parser.add_argument("--full_attention", default=True, action=argparse.BooleanOptionalAction,
+                      help="also time mixer 'none' with one attention over the whole video")
+  parser.add_argument("--grid", type=int, default=4, help="latent height = width")
+  parser.add_argument("--frames_per_segment", type=int, default=13)
+  parser.add_argument("--text_len", type=int, default=8)
+  parser.add_argument("--heads", type=int, default=2)
+  parser.add_argument("--head_dim", type=int, default=16)
+  parser.add_argument("--layers", type=int, default=1)
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+  parser.add_argument("--mixer_options", default="{}", help="JSON dict for build_mixer")
+  args = parser.parse_args()
+
+  base = DiTConfig(num_heads=args.heads, head_dim=args.head_dim, num_layers=args.layers,
+                   in_channels=4, out_channels=4, text_embed_dim=32, time_embed_dim=32,
+                   mixer_options=tuple(sorted(json.loads(args.mixer_options).items())))
+  segment_counts = [int(s) for s in args.segments.split(",")]
+  cases = [(dataclasses.replace(base, mixer=m), s)
+           for m in args.mixers.split(",") for s in segment_counts]
+  if args.full_attention:
+    cases += [(dataclasses.replace(base, local_attention=False), s) for s in segment_counts]
+  unavailable = {}
+  for cfg, segments in cases:
+    if cfg.mixer in unavailable:
+      continue
+    try:
+      result = run_case(cfg, segments, args)
+    except ImportError as e:
+      unavailable[cfg.mixer] = str(e)
+      result = dict(mixer=cfg.mixer, skipped=f"not importable: {e}")
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,187 @@
+"""The DiT backbone: segment layout, 5B shapes and parameter count, gradients, real mixers.
+
+Numerical parity with diffusers (one segment) and with a naive per-frame long-video loop is in
+test_dit_convert.py; `ProbeMixer` is shared with it.
+"""
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import CogVideoXTransformer3DModel
+from flax import nnx
+
+from ttt_jax import mixers
+from ttt_jax.models.dit import DiT, DiTConfig, Layout, cogvideox_5b, count_params
+from ttt_jax.models.rope import apply_rope
+
+# THUDM/CogVideoX-5b transformer/config.json.
+COGVIDEOX_5B = {
+    "activation_fn": "gelu-approximate", "attention_bias": True, "attention_head_dim": 64,
+    "dropout": 0.0, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 16,
+    "max_text_seq_length": 226, "norm_elementwise_affine": True, "norm_eps": 1e-05,
+    "num_attention_heads": 48, "num_layers": 42, "out_channels": 16, "patch_size": 2,
+    "sample_frames": 49, "sample_height": 60, "sample_width": 90,
+    "spatial_interpolation_scale": 1.875, "temporal_compression_ratio": 4,
+    "temporal_interpolation_scale": 1.0, "text_embed_dim": 4096, "time_embed_dim": 512,
+    "timestep_activation_fn": "silu", "use_rotary_positional_embeddings": True,
+}
+
+SMALL = DiTConfig(num_heads=1, head_dim=16, in_channels=2, out_channels=2, num_layers=2,
+                  time_embed_dim=4, text_embed_dim=4, sample_height=4, sample_width=4,
+                  sample_frames=9)
+
+
+class ProbeMixer(nnx.Module):
+  """Test mixer: RoPE on a projection, then a running mean (depends on position and order)."""
+
+  def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+    self.heads = cfg.num_heads
+    self.w = nnx.Param(jax.random.normal(rngs.params(), (cfg.width, cfg.width)) / cfg.width**.5)
+
+  def __call__(self, x, rope=None, reverse=False):
+    cos, sin = rope
+    if reverse:
+      x, cos, sin = x[:, ::-1], cos[::-1], sin[::-1]
+    h = x @ self.w[...]
+    h = apply_rope(h.reshape(*h.shape[:2], self.heads, -1), cos, sin).reshape(h.shape)
+    y = jnp.cumsum(h, axis=1) / jnp.arange(1, h.shape[1] + 1)[None, :, None]
+    return y[:, ::-1] if reverse else y
+
+
+def probe_factory(cfg, rngs):
+  return ProbeMixer(cfg, rngs)
+
+
+def _inputs(cfg, segments, frames_per_segment=3, grid=4, text_len=3, seed=0):
+  rng = np.random.default_rng(seed)
+  frames = 1 + (frames_per_segment - 1) * segments
+  latents = rng.standard_normal((2, frames, cfg.in_channels, grid, grid))
+  text = rng.standard_normal((2, segments, text_len, cfg.text_embed_dim))
+  return latents, text, np.array([5.0, 600.0])
+
+
+@pytest.mark.parametrize("segments", [1, 3, 6, 10, 21])
+def test_layout_of_paper_stages(segments):
+  """3 s … 63 s at 480x720: 13/37/73/121/253 latent frames, 1350 tokens a frame."""
+  frames, hw, text_len = 1 + 12 * segments, 1350, 226
+  layout = Layout(segments, text_len, frames, hw)
+  assert layout.frames_per_segment == 13
+  assert layout.seq_len == segments * text_len + frames * hw
+  assert layout.gather.shape == (segments, text_len + 13 * hw)
+  # Each segment holds its own text and 13 frames; consecutive segments share one frame.
+  video_of = [set(g[~layout.is_text_np[g]]) for g in layout.gather]
+  for a, b in zip(video_of, video_of[1:]):
+    assert len(a & b) == hw
+  assert set(np.concatenate(layout.gather.tolist())) == set(range(layout.seq_len))
+  if segments == 21:
+    assert abs(layout.seq_len - 351_000) < 0.02 * 351_000  # PAPER.md: ~351k at 63 s
+
+
+def test_layout_round_trips():
+  layout = Layout(3, 2, 7, 4)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, layout.seq_len, 5)))
+  np.testing.assert_allclose(layout.merge(layout.split(x)), x, rtol=1e-6)
+  text, video = x[:, :6].reshape(2, 3, 2, 5), x[:, 6:]
+  np.testing.assert_array_equal(layout.video(layout.assemble(text, video)), video)
+  with pytest.raises(ValueError, match="segments"):
+    Layout(2, 2, 6, 4)
+
+
+def _analytic_params(c):
+  """CogVideoXTransformer3DModel parameter count from its config."""
+  w, t, p = c["num_attention_heads"] * c["attention_head_dim"], c["time_embed_dim"], c["patch_size"]
+  lin = lambda i, o: i * o + o
+  block = (2 * (lin(t, 6 * w) + 2 * w) + 4 * lin(w, w) + 4 * c["attention_head_dim"]
+           + lin(w, 4 * w) + lin(4 * w, w))
+  top = (lin(c["in_channels"] * p * p, w) + lin(c["text_embed_dim"], w) + lin(w, t) + lin(t, t)
+         + 2 * w + lin(t, 2 * w) + 2 * w + lin(w, c["out_channels"] * p * p))
+  return c["num_layers"] * block + top
+
+
+@pytest.mark.parametrize("mixer", ["none", "ttt_mlp"])
+def test_cogvideox_5b_traces_in_a_minute_with_its_parameter_count(mixer):
+  cfg = DiTConfig.from_diffusers(COGVIDEOX_5B, mixer=mixer)
+  assert cfg == cogvideox_5b(mixer=mixer)
+  start = time.time()
+  try:
+    model = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
+  except ImportError as e:  # the TTT layer lands separately
+    pytest.skip(f"mixer {mixer} not importable: {e}")
+  n = count_params(model)
+  graphdef, state = nnx.split(model)
+  out = jax.eval_shape(
+      lambda s, *a: nnx.merge(graphdef, s)(*a), state,
+      jax.ShapeDtypeStruct((1, 13, 16, 60, 90), jnp.float32),
+      jax.ShapeDtypeStruct((1, 1, 226, 4096), jnp.float32),
+      jax.ShapeDtypeStruct((1,), jnp.float32))
+  elapsed = time.time() - start
+  print(f"CogVideoX-5B + {mixer}: {n} parameters, traced in {elapsed:.1f} s")
+  assert out.shape == (1, 13, 16, 60, 90)
+  assert elapsed < 60
+  with torch.device("meta"):
+    reference = CogVideoXTransformer3DModel(**COGVIDEOX_5B)
+  backbone = sum(p.numel() for p in reference.parameters())
+  assert backbone == _analytic_params(COGVIDEOX_5B)
+  assert 5.5e9 < backbone < 5.65e9
+  mixer_params = mixers.count_params(nnx.eval_shape(
+      lambda: mixers.build_mixer(mixer, cfg.width, cfg.num_heads, rngs=nnx.Rngs(0))))
+  gates = 0 if mixer == "none" else 2 * 2 * cfg.width  # alpha, beta: [text/video, width]
+  assert n == backbone + cfg.num_layers * (mixer_params + gates)
+
+
+def test_gradient_matches_finite_differences(x64):
+  """Scan + remat + segment split/merge + mixer gates: directional derivative, float64."""
+  cfg = dataclasses.replace(SMALL, mixer="probe")
+  model = DiT(cfg, rngs=nnx.Rngs(0), mixer_factory=probe_factory)
+  graphdef, params = nnx.split(model)
+  params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+  latents, text, t = _inputs(cfg, segments=2, grid=2)
+  target = np.random.default_rng(1).standard_normal(latents.shape)
+
+  def loss(p):
+    return jnp.sum(nnx.merge(graphdef, p)(latents, text, t) * target)
+
+  grad = jax.jit(jax.grad(loss))(params)
+  loss = jax.jit(loss)
+  direction = jax.tree.map(lambda a: jnp.asarray(
+      np.random.default_rng(a.size).standard_normal(a.shape)), params)
+  analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad),
+                                                jax.tree.leaves(direction)))
+  eps = 1e-6
+  shifted = lambda s: jax.tree.map(lambda a, d: a + s * eps * d, params, direction)
+  numeric = (loss(shifted(1)) - loss(shifted(-1))) / (2 * eps)
+  np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
+  assert float(jnp.abs(grad["blocks"]["alpha"]).max()) > 0
+
+
+@pytest.fixture(scope="module")
+def plain_backbone():
+  """A mixer-free model's parameters and its output (one compile for all mixers)."""
+  model = DiT(SMALL, rngs=nnx.Rngs(0))
+  latents, text, t = _inputs(SMALL, segments=2)
+  out = nnx.jit(lambda m, *a: m(*a))(model, latents, text, t)
+  return nnx.state(model, nnx.Param).to_pure_dict(), (latents, text, t), out
+
+
+@pytest.mark.parametrize("name", [m for m in mixers.MIXERS if m != "none"])
+def test_real_mixer_with_zero_gates_is_the_plain_backbone(name, plain_backbone):
+  """Every mixer of ttt_jax.mixers plugs in; with α = β = 0 the block is CogVideoX's."""
+  backbone, inputs, reference = plain_backbone
+  cfg = dataclasses.replace(SMALL, mixer=name)
+  try:
+    model = DiT(cfg, rngs=nnx.Rngs(1))
+  except ImportError as e:  # the TTT layer lands separately
+    pytest.skip(f"mixer {name} not importable: {e}")
+  params = nnx.state(model, nnx.Param)
+  pure = params.to_pure_dict()
+  pure = {**backbone, "blocks": {**pure["blocks"], **backbone["blocks"],
+                                 "alpha": jnp.zeros_like(pure["blocks"]["alpha"]),
+                                 "beta": jnp.zeros_like(pure["blocks"]["beta"])}}
+  params.replace_by_pure_dict(pure)
+  nnx.update(model, params)
+  gated_off = nnx.jit(lambda m, *a: m(*a))(model, *inputs)
+  np.testing.assert_allclose(gated_off, reference, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,239 @@
+"""CogVideoX weight import: diffusers CogVideoXTransformer3DModel folder -> our DiT params.
+
+The diffusers folder holds config.json and diffusion_pytorch_model.safetensors (or shards named
+by diffusion_pytorch_model.safetensors.index.json). Every diffusers tensor must land on one of
+our parameters and every backbone parameter must be filled; the new ones (sequence mixers and
+their gates α, β) are initialised as `DiT(cfg, rngs=nnx.Rngs(seed))` would.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+import safetensors.numpy
+from flax import nnx
+
+from ttt_jax import checkpoint
+from ttt_jax.models.dit import DiT, DiTConfig, MixerFactory, default_mixer_factory
+
+Path = tuple[str, ...]
+
+# diffusers module prefix -> our module path.
+_TOP = {
+    "patch_embed.proj": ("patch_proj",),
+    "patch_embed.text_proj": ("text_proj",),
+    "time_embedding.linear_1": ("time_embedding", "linear_1"),
+    "time_embedding.linear_2": ("time_embedding", "linear_2"),
+    "ofs_embedding.linear_1": ("ofs_embedding", "linear_1"),
+    "ofs_embedding.linear_2": ("ofs_embedding", "linear_2"),
+    "norm_final": ("norm_final",),
+    "norm_out.linear": ("norm_out_linear",),
+    "norm_out.norm": ("norm_out",),
+    "proj_out": ("proj_out",),
+}
+_BLOCK = {
+    "norm1.linear": ("norm1", "linear"),
+    "norm1.norm": ("norm1", "norm"),
+    "attn1.norm_q": ("attn1", "norm_q"),
+    "attn1.norm_k": ("attn1", "norm_k"),
+    "attn1.to_q": ("attn1", "to_q"),
+    "attn1.to_k": ("attn1", "to_k"),
+    "attn1.to_v": ("attn1", "to_v"),
+    "attn1.to_out.0": ("attn1", "to_out"),
+    "norm2.linear": ("norm2", "linear"),
+    "norm2.norm": ("norm2", "norm"),
+    "ff.net.0.proj": ("ff", "proj_in"),
+    "ff.net.2": ("ff", "proj_out"),
+}
+# Parameters CogVideoX does not have: initialised fresh.
+_NEW_IN_BLOCK = ("mixer", "mixer_reverse", "alpha", "beta")
+
+_ST_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
+              "F64": np.float64}
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """safetensors.numpy.load_file, plus bfloat16 (released CogVideoX weights are bf16)."""
+  try:
+    return safetensors.numpy.load_file(path)
+  except TypeError:  # numpy has no bfloat16: read the (documented) layout directly.
+    with open(path, "rb") as f:
+      header_len = struct.unpack("<Q", f.read(8))[0]
+      header = json.loads(f.read(header_len))
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    return {name: np.frombuffer(data[start:end], _ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+            for name, info in header.items() if name != "__metadata__"
+            for start, end in [info["data_offsets"]]}
+
+
+def read_diffusers(src: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(config dict, state dict) of a diffusers transformer folder."""
+  with open(os.path.join(src, "config.json")) as f:
+    config = json.load(f)
+  index = os.path.join(src, "diffusion_pytorch_model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  else:
+    files = ["diffusion_pytorch_model.safetensors"]
+  state = {}
+  for name in files:
+    state.update(_read_safetensors(os.path.join(src, name)))
+  return config, state
+
+
+def _target(key: str) -> tuple[Path, int | None] | None:
+  """Our parameter path and layer index for a diffusers key; None if it has no place."""
+  if key == "patch_embed.pos_embedding":
+    return ("pos_embedding",), None
+  module, _, leaf = key.rpartition(".")
+  layer = None
+  table = _TOP
+  if module.startswith("transformer_blocks."):
+    _, index, module = module.split(".", 2)
+    layer, table = int(index), _BLOCK
+  if module not in table or leaf not in ("weight", "bias"):
+    return None
+  return table[module] + (leaf,), layer
+
+
+def _convert_tensor(key: str, value: np.ndarray) -> np.ndarray:
+  """torch layout -> ours: Linear [out, in] -> kernel [in, out]; Conv2d patch -> kernel."""
+  value = np.asarray(value, np.float32)
+  if key == "patch_embed.pos_embedding":
+    return value[0]
+  if key.endswith(".weight") and value.ndim >= 2:
+    return value.reshape(value.shape[0], -1).T
+  return value
+
+
+def _our_leaf(path: Path, shape: tuple[int, ...]) -> Path:
+  """diffusers 'weight' is our 'kernel' (matrices) or 'scale' (norms)."""
+  if path[-1] != "weight":
+    return path
+  return path[:-1] + ("kernel" if len(shape) >= 2 else "scale",)
+
+
+def _flatten(tree: dict[str, Any], prefix: Path = ()) -> dict[Path, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def _unflatten(flat: dict[Path, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, v in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return tree
+
+
+def _is_new(path: Path) -> bool:
+  return path[0] == "blocks" and path[1] in _NEW_IN_BLOCK
+
+
+def convert_params(cfg: DiTConfig, state: dict[str, np.ndarray], *, seed: int = 0,
+                   mixer_factory: MixerFactory = default_mixer_factory) -> dict[str, Any]:
+  """Our parameter pytree (nested dict of float32 numpy arrays) from a diffusers state dict.
+
+  Raises:
+    ValueError: listing diffusers keys with no place in our model, model parameters the state
+      dict does not provide, and shape mismatches.
+  """
+  abstract = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(seed), mixer_factory=mixer_factory))
+  want = _flatten(nnx.state(abstract, nnx.Param).to_pure_dict())
+  found: dict[Path, Any] = {}
+  unknown, bad_shape = [], []
+  for key, value in state.items():
+    target = _target(key)
+    if target is None:
+      unknown.append(key)
+      continue
+    value = _convert_tensor(key, value)
+    path, layer = _our_leaf(target[0], value.shape), target[1]
+    path = ("blocks",) + path if layer is not None else path
+    if path not in want:
+      unknown.append(key)
+      continue
+    if layer is None:
+      found[path] = value
+    else:
+      found.setdefault(path, {})[layer] = value
+  for path, value in list(found.items()):
+    if isinstance(value, dict):  # stack the layers
+      layers = [value.get(i) for i in range(cfg.num_layers)]
+      if any(v is None for v in layers) or len(value) != cfg.num_layers:
+        bad_shape.append(f"{'/'.join(path)}: layers {sorted(value)} of {cfg.num_layers}")
+        continue
+      found[path] = np.stack(layers)
+    if found[path].shape != want[path].shape:
+      bad_shape.append(f"{'/'.join(path)}: {found[path].shape} vs {want[path].shape}")
+  missing = sorted("/".join(p) for p in want if p not in found and not _is_new(p))
+  if unknown or missing or bad_shape:
+    raise ValueError("CogVideoX weights do not match the model config:\n"
+                     f"  unknown keys: {sorted(unknown)}\n  missing parameters: {missing}\n"
+                     f"  shape mismatches: {bad_shape}")
+
+  new_paths = [p for p in want if _is_new(p)]
+
+  @jax.jit
+  def init_new():
+    # Only the new parameters are returned, so XLA drops the random init of the others.
+    model = DiT(cfg, rngs=nnx.Rngs(seed), mixer_factory=mixer_factory)
+    flat = _flatten(nnx.state(model, nnx.Param).to_pure_dict())
+    return [flat[p] for p in new_paths]
+
+  found.update(zip(new_paths, map(np.asarray, init_new())))
+  return _unflatten({p: found[p] for p in want})
+
+
+def convert_cogvideox(src: str, dst: str, *, seed: int = 0,
+                      mixer_factory: MixerFactory = default_mixer_factory,
+                      **overrides: Any) -> DiTConfig:
+  """Converts a diffusers folder to `dst/params` (Orbax) + `dst/config.json`.
+
+  Args:
+    src: diffusers CogVideoXTransformer3DModel folder.
+    dst: output directory (created; `dst/params` must not exist).
+    seed: init seed of the new (mixer, gate) parameters.
+    mixer_factory: builds the mixers (tests pass their own).
+    **overrides: DiTConfig fields to set, e.g. mixer="ttt_mlp".
+
+  Returns:
+    The config written.
+  """
+  config, state = read_diffusers(src)
+  cfg = DiTConfig.from_diffusers(config, **overrides)
+  params = convert_params(cfg, state, seed=seed, mixer_factory=mixer_factory)
+  os.makedirs(dst, exist_ok=True)
+  checkpoint.save_params(os.path.join(dst, "params"), params)
+  with open(os.path.join(dst, "config.json"), "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+  return cfg
+
+
+def load_dit(directory: str, *, mixer_factory: MixerFactory = default_mixer_factory,
+             **overrides: Any) -> DiT:
+  """A DiT with the parameters written by `convert_cogvideox` (or a training run).
+
+  overrides change run-time fields only (remat, local_attention, dtype); raises ValueError on
+  missing or unexpected parameters.
+  """
+  with open(os.path.join(directory, "config.json")) as f:
+    cfg = DiTConfig.from_dict({**json.load(f), **overrides})
+  abstract = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0), mixer_factory=mixer_factory))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  restored = checkpoint.load_params(os.path.join(directory, "params"), params.to_pure_dict())
+  params.replace_by_pure_dict(restored)
+  return nnx.merge(graphdef, params, rest)

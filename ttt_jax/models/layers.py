@@ -1,0 +1,174 @@
+"""Building blocks of the CogVideoX transformer (Flax NNX), named after their diffusers modules.
+
+Parameters carry logical axis names ('embed', 'heads', 'head_dim', 'mlp', ...); activations are
+annotated with `flax.linen.with_logical_constraint`, a no-op unless logical-axis rules and a
+mesh are active (ttt_jax/parallel sets them).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ttt_jax.models.rope import apply_rope
+
+Rope = tuple[jnp.ndarray, jnp.ndarray]
+
+_default_kernel = nnx.initializers.lecun_normal()
+
+
+def constrain(x: jnp.ndarray, names: Sequence[str | None]) -> jnp.ndarray:
+  """Logical sharding annotation of an activation."""
+  return nn.with_logical_constraint(x, tuple(names))
+
+
+def partitioned(initializer, axes: tuple[str | None, ...]):
+  """Initializer whose variable carries logical axis names as metadata only.
+
+  Eager sharding is off so that models build without a mesh; ttt_jax/parallel shards them.
+  """
+  return nnx.with_partitioning(initializer, axes, eager_sharding=False)
+
+
+def linear(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
+           rngs: nnx.Rngs, use_bias: bool = True, dtype=None,
+           kernel_init=_default_kernel) -> nnx.Linear:
+  """nnx.Linear whose kernel [in, out] and bias [out] carry logical axis names."""
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias, dtype=dtype,
+      kernel_init=partitioned(kernel_init, axes),
+      bias_init=partitioned(nnx.initializers.zeros_init(), (axes[1],)),
+      rngs=rngs)
+
+
+def layer_norm(features: int, eps: float, *, rngs: nnx.Rngs, affine: bool = True,
+               axis_name: str = "embed", dtype=None) -> nnx.LayerNorm:
+  """torch.nn.LayerNorm equivalent (biased variance), optional affine params."""
+  return nnx.LayerNorm(
+      features, epsilon=eps, use_bias=affine, use_scale=affine, dtype=dtype,
+      scale_init=partitioned(nnx.initializers.ones_init(), (axis_name,)),
+      bias_init=partitioned(nnx.initializers.zeros_init(), (axis_name,)),
+      rngs=rngs)
+
+
+def select_by_type(is_text: jnp.ndarray, text: jnp.ndarray, video: jnp.ndarray) -> jnp.ndarray:
+  """Per-token choice between a text and a video vector.
+
+  Args:
+    is_text: [seq] bool.
+    text, video: [batch, width] or [width].
+
+  Returns:
+    [batch, seq, width] (or [1, seq, width] for unbatched vectors).
+  """
+  text, video = jnp.atleast_2d(text), jnp.atleast_2d(video)
+  return jnp.where(is_text[None, :, None], text[:, None, :], video[:, None, :])
+
+
+class TimestepEmbedding(nnx.Module):
+  """diffusers TimestepEmbedding: linear -> SiLU -> linear."""
+
+  def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype=None):
+    self.linear_1 = linear(in_features, out_features, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+    self.linear_2 = linear(out_features, out_features, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """[batch, in] -> [batch, out]."""
+    return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class ExpertAdaLN(nnx.Module):
+  """CogVideoXLayerNormZero: one shared LayerNorm, separate shift/scale/gate for text and video.
+
+  The modulation linear's output is [shift, scale, gate, text_shift, text_scale, text_gate].
+  """
+
+  def __init__(self, cond_dim: int, width: int, eps: float, affine: bool, *,
+               rngs: nnx.Rngs, dtype=None):
+    self.linear = linear(cond_dim, 6 * width, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+    self.norm = layer_norm(width, eps, affine=affine, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jnp.ndarray, temb: jnp.ndarray,
+               is_text: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Modulated norm and gate.
+
+    Args:
+      x: [batch, seq, width]; temb: [batch, cond_dim]; is_text: [seq] bool.
+
+    Returns:
+      normed: [batch, seq, width]; gate: [batch, seq, width].
+    """
+    shift, scale, gate, t_shift, t_scale, t_gate = jnp.split(
+        self.linear(jax.nn.silu(temb)), 6, axis=-1)
+    scale = select_by_type(is_text, t_scale, scale)
+    shift = select_by_type(is_text, t_shift, shift)
+    return self.norm(x) * (1 + scale) + shift, select_by_type(is_text, t_gate, gate)
+
+
+class Attention(nnx.Module):
+  """Self-attention with QK-LayerNorm (eps 1e-6) and RoPE on the video tokens (diffusers
+  Attention + CogVideoXAttnProcessor2_0).
+
+  implementation "xla" materialises the [seq, seq] scores (fine for tests and short
+  segments); "cudnn" is the fused flash kernel on NVIDIA GPUs.
+  """
+
+  def __init__(self, width: int, num_heads: int, head_dim: int, *, qkv_bias: bool,
+               rngs: nnx.Rngs, qk_norm: bool = True, implementation: str = "xla", dtype=None):
+    if implementation not in ("xla", "cudnn"):
+      raise ValueError(f"attention implementation {implementation!r} not in ('xla', 'cudnn')")
+    self.num_heads, self.head_dim = num_heads, head_dim
+    self.implementation = implementation
+    inner = num_heads * head_dim
+    self.to_q = linear(width, inner, ("embed", "heads"), use_bias=qkv_bias, rngs=rngs, dtype=dtype)
+    self.to_k = linear(width, inner, ("embed", "heads"), use_bias=qkv_bias, rngs=rngs, dtype=dtype)
+    self.to_v = linear(width, inner, ("embed", "heads"), use_bias=qkv_bias, rngs=rngs, dtype=dtype)
+    self.to_out = linear(inner, width, ("heads", "embed"), rngs=rngs, dtype=dtype)
+    self.norm_q = layer_norm(head_dim, 1e-6, axis_name="head_dim", rngs=rngs,
+                             dtype=dtype) if qk_norm else None
+    self.norm_k = layer_norm(head_dim, 1e-6, axis_name="head_dim", rngs=rngs,
+                             dtype=dtype) if qk_norm else None
+
+  def __call__(self, x: jnp.ndarray, rope: Rope | None) -> jnp.ndarray:
+    """Full (unmasked) attention over x.
+
+    Args:
+      x: [batch, seq, width].
+      rope: (cos, sin) [seq, head_dim] with identity rows on text tokens, or None.
+
+    Returns:
+      [batch, seq, width].
+    """
+    batch, seq, _ = x.shape
+    heads = lambda y: constrain(y.reshape(batch, seq, self.num_heads, self.head_dim),
+                                ("batch", "length", "heads", "head_dim"))
+    q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))
+    if self.norm_q is not None:
+      q, k = self.norm_q(q), self.norm_k(k)
+    if rope is not None:
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    if self.implementation == "cudnn":
+      out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    else:
+      # Explicit softmax in the input precision (jax.nn.dot_product_attention's XLA path
+      # always uses float32, which breaks float64 gradient checks).
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(self.head_dim).astype(q.dtype)
+      probs = jax.nn.softmax(logits.astype(jnp.promote_types(q.dtype, jnp.float32)), axis=-1)
+      out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    return self.to_out(out.reshape(batch, seq, self.num_heads * self.head_dim))
+
+
+class FeedForward(nnx.Module):
+  """diffusers FeedForward with GELU-tanh: net.0.proj -> gelu(tanh) -> net.2."""
+
+  def __init__(self, width: int, hidden: int, *, rngs: nnx.Rngs, dtype=None):
+    self.proj_in = linear(width, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+    self.proj_out = linear(hidden, width, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """[batch, seq, width] -> [batch, seq, width]."""
+    h = constrain(jax.nn.gelu(self.proj_in(x), approximate=True), ("batch", "length", "mlp"))
+    return self.proj_out(h)
