@@ -1,0 +1,143 @@
+"""Pieces shared by the baseline mixers: the call signature, projections with logical axis names,
+the short causal convolution, gated RMSNorm and the Mamba-style decay parameters."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+
+
+def partitioned(init: Initializer, names: Sequence[str | None]) -> Initializer:
+  """Attaches logical axis names to a parameter initializer.
+
+  Eager sharding is off: the names are metadata only, so modules build without a mesh; a sharded
+  model is made by jitting the constructor with `nnx.get_partition_spec` out-shardings.
+  """
+  return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
+
+
+def dense(in_features: int, out_features: int, names: tuple[str | None, str | None], *,
+          use_bias: bool, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
+  """`nnx.Linear` whose kernel is named `names` ([in, out]) and whose bias is named `names[1:]`."""
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias, dtype=dtype,
+      kernel_init=partitioned(nnx.initializers.lecun_normal(), names),
+      bias_init=partitioned(nnx.initializers.zeros_init(), names[1:]), rngs=rngs)
+
+
+def pad_to_multiple(x: jax.Array, multiple: int, axis: int = 1) -> jax.Array:
+  """Zero-pads `axis` at the end up to the next multiple of `multiple`."""
+  pad = -x.shape[axis] % multiple
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """x / sqrt(sum(x^2) + eps) over the last axis (the eps placement of fla's l2norm)."""
+  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+class SequenceMixer(nnx.Module):
+  """Base class giving every baseline mixer the one call signature of `ttt_jax.mixers`.
+
+  Subclasses define `mix(x)`: `[batch, seq, width] -> [batch, seq, width]`.
+  """
+
+  def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None,
+               reverse: bool = False) -> jax.Array:
+    """x: `[batch, seq, width]`. `reverse` runs the same parameters right to left.
+
+    `rope` is accepted for interface compatibility and ignored: these mixers see positions
+    through token order (recurrence, convolution or the window), not rotary embeddings.
+    """
+    del rope
+    if reverse:
+      return jnp.flip(self.mix(jnp.flip(x, axis=1)), axis=1)
+    return self.mix(x)
+
+
+class ShortConv(nnx.Module):
+  """Causal depthwise conv1d then SiLU: y_t = silu(bias + sum_i w_i * x_{t-K+1+i}).
+
+  The kernel is `[kernel_size, channels]`, initialised like PyTorch's Conv1d (uniform with
+  bound 1/sqrt(kernel_size)); `name` is the logical axis of the channels.
+  """
+
+  def __init__(self, channels: int, kernel_size: int, name: str | None, *, use_bias: bool,
+               rngs: nnx.Rngs):
+    init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+    self.kernel = nnx.Param(partitioned(init, (None, name))(
+        rngs.params(), (kernel_size, channels), jnp.float32))
+    self.bias = (nnx.Param(partitioned(nnx.initializers.zeros_init(), (name,))(
+        rngs.params(), (channels,), jnp.float32)) if use_bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: `[batch, seq, channels]` -> `[batch, seq, channels]`."""
+    kernel = self.kernel[...].astype(x.dtype)
+    size, seq = kernel.shape[0], x.shape[1]
+    padded = jnp.pad(x, ((0, 0), (size - 1, 0), (0, 0)))
+    y = sum(padded[:, i:i + seq] * kernel[i] for i in range(size))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(x.dtype)
+    return jax.nn.silu(y)
+
+
+class GatedRMSNorm(nnx.Module):
+  """RMSNorm over groups of `group_size` channels with a learned scale, gated by silu(gate).
+
+  norm_before_gate=True: y = norm(x) * silu(gate) (Gated DeltaNet);
+  norm_before_gate=False: y = norm(x * silu(gate)) (Mamba-2's RMSNormGated).
+  Computed in float32, returned in the dtype of `x`.
+  """
+
+  def __init__(self, features: int, group_size: int, *, norm_before_gate: bool,
+               epsilon: float = 1e-5, rngs: nnx.Rngs):
+    if features % group_size:
+      raise ValueError(f"features {features} not a multiple of group_size {group_size}")
+    self.group_size = group_size
+    self.norm_before_gate = norm_before_gate
+    self.epsilon = epsilon
+    self.scale = nnx.Param(partitioned(nnx.initializers.ones_init(), ("heads",))(
+        rngs.params(), (features,), jnp.float32))
+
+  def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
+    """x, gate: `[..., features]` -> `[..., features]`."""
+    y = x.astype(jnp.float32)
+    gate = jax.nn.silu(gate.astype(jnp.float32))
+    if not self.norm_before_gate:
+      y = y * gate
+    grouped = y.reshape(*y.shape[:-1], -1, self.group_size)
+    grouped = grouped * jax.lax.rsqrt(
+        jnp.mean(jnp.square(grouped), axis=-1, keepdims=True) + self.epsilon)
+    y = grouped.reshape(y.shape) * self.scale[...]
+    if self.norm_before_gate:
+      y = y * gate
+    return y.astype(x.dtype)
+
+
+def decay_params(num_heads: int, rngs: nnx.Rngs, *, dt_min: float = 1e-3,
+                 dt_max: float = 0.1) -> tuple[nnx.Param, nnx.Param]:
+  """Mamba-2's per-head decay parameters (a_log, dt_bias), each `[heads]`.
+
+  The decay rate is A = -exp(a_log) with A initialised uniform in [-16, -1]; the step is
+  dt = softplus(raw + dt_bias) with dt_bias the inverse softplus of a log-uniform sample in
+  [dt_min, dt_max], so a fresh layer keeps memory over ~1/(|A| dt) tokens.
+  """
+  def a_log_init(key, shape, dtype):
+    return jnp.log(jax.random.uniform(key, shape, dtype, 1.0, 16.0))
+
+  def dt_bias_init(key, shape, dtype):
+    dt = jnp.exp(jax.random.uniform(key, shape, dtype, math.log(dt_min), math.log(dt_max)))
+    return dt + jnp.log(-jnp.expm1(-dt))
+
+  a_log = nnx.Param(partitioned(a_log_init, ("heads",))(
+      rngs.params(), (num_heads,), jnp.float32))
+  dt_bias = nnx.Param(partitioned(dt_bias_init, ("heads",))(
+      rngs.params(), (num_heads,), jnp.float32))
+  return a_log, dt_bias

@@ -1,0 +1,164 @@
+"""Gated DeltaNet (Yang, Kautz & Hatamizadeh 2024), chunked (WY/UT form) and recurrent.
+
+Per head, with state S_t `[value_dim, key_dim]`:
+  S_t = S_{t-1} (alpha_t (I - beta_t k_t k_t^T)) + beta_t v_t k_t^T,   o_t = S_t q_t,
+alpha_t = exp(g_t), g_t = -exp(a_log) softplus(raw_t + dt_bias) (Mamba-2's decay),
+beta_t = sigmoid(.), q and k L2-normalised (q also scaled by key_dim^-1/2). Causal; the
+bidirectional DiT block gets the other direction with reverse=True.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ttt_jax.mixers.common import (GatedRMSNorm, SequenceMixer, ShortConv, decay_params, dense,
+                                   l2_normalize, pad_to_multiple)
+
+
+def gated_delta_rule_recurrent(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
+                               beta: jax.Array) -> jax.Array:
+  """Token-by-token gated delta rule (the reference).
+
+  Args:
+    q, k: `[batch, seq, heads, key_dim]`.
+    v: `[batch, seq, heads, value_dim]`.
+    g: `[batch, seq, heads]`, log decay (alpha = exp(g)).
+    beta: `[batch, seq, heads]`, write strengths.
+
+  Returns:
+    o: `[batch, seq, heads, value_dim]`.
+  """
+  def step(s, inputs):
+    q_t, k_t, v_t, g_t, beta_t = inputs
+    s_k = jnp.einsum("bhvk,bhk->bhv", s, k_t)
+    s = (jnp.exp(g_t)[..., None, None] * (s - jnp.einsum("bh,bhv,bhk->bhvk", beta_t, s_k, k_t))
+         + jnp.einsum("bh,bhv,bhk->bhvk", beta_t, v_t, k_t))
+    return s, jnp.einsum("bhvk,bhk->bhv", s, q_t)
+
+  batch, _, heads, key_dim = k.shape
+  s0 = jnp.zeros((batch, heads, v.shape[-1], key_dim), v.dtype)
+  _, o = jax.lax.scan(step, s0, tuple(jnp.moveaxis(t, 1, 0) for t in (q, k, v, g, beta)))
+  return jnp.moveaxis(o, 0, 1)
+
+
+def gated_delta_rule_chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
+                             beta: jax.Array, chunk_size: int) -> jax.Array:
+  """The gated delta rule in chunked WY/UT form; same arguments as the recurrent one.
+
+  Within a chunk, with gamma_t = prod_{s<=t} alpha_s and S_0 the state entering the chunk, the
+  written values u_t = beta_t (v_t - alpha_t S_{t-1} k_t) solve the unit lower-triangular system
+  (I + A) U = diag(beta) V - diag(beta gamma) K S_0^T, A_ti = beta_t (gamma_t/gamma_i) k_t.k_i
+  for i < t. So U = U' - W S_0^T with U' = T diag(beta) V, W = T diag(beta gamma) K,
+  T = (I + A)^-1, all computed for every chunk at once; then only
+    O = diag(gamma) Q S_0^T + (tril(Q K^T) * gamma_t/gamma_i) U,
+    S_C = gamma_C S_0 + U^T diag(gamma_C / gamma) K
+  runs sequentially over chunks. Zero padding at the end (beta = 0) leaves earlier outputs
+  unchanged.
+  """
+  seq = q.shape[1]
+  chunk = min(chunk_size, seq)
+
+  def chunks(t):  # [batch, seq, heads, ...] -> [batch, chunks, heads, chunk, ...]
+    t = pad_to_multiple(t, chunk)
+    return jnp.moveaxis(t.reshape(t.shape[0], -1, chunk, *t.shape[2:]), 3, 2)
+
+  q, k, v, g, beta = (chunks(t) for t in (q, k, v, g, beta))
+  log_gamma = jnp.cumsum(g, axis=-1)  # [batch, chunks, heads, chunk]
+  # exp only on the kept triangle: the masked differences are positive and could overflow.
+  diff = log_gamma[..., :, None] - log_gamma[..., None, :]  # [..., t, i]
+  causal = jnp.tril(jnp.ones((chunk, chunk), bool))
+  strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
+  a = beta[..., None] * jnp.exp(jnp.where(strict, diff, -jnp.inf)) * jnp.einsum(
+      "...td,...id->...ti", k, k)
+
+  def solve(rhs):  # (I + A)^-1 rhs; unit_diagonal makes the solver read only A's strict part.
+    return jax.lax.linalg.triangular_solve(a, rhs, left_side=True, lower=True,
+                                           unit_diagonal=True)
+
+  w = solve((beta * jnp.exp(log_gamma))[..., None] * k)  # [..., chunk, key_dim]
+  u_prime = solve(beta[..., None] * v)  # [..., chunk, value_dim]
+  attn = jnp.exp(jnp.where(causal, diff, -jnp.inf)) * jnp.einsum("...td,...id->...ti", q, k)
+  gamma = jnp.exp(log_gamma)
+  to_end = jnp.exp(log_gamma[..., -1:] - log_gamma)
+  gamma_end = gamma[..., -1]
+
+  def step(s, inputs):  # s: [batch, heads, value_dim, key_dim]
+    q_c, k_c, w_c, u_prime_c, attn_c, gamma_c, to_end_c, gamma_end_c = inputs
+    u = u_prime_c - jnp.einsum("bhck,bhvk->bhcv", w_c, s)
+    o = (gamma_c[..., None] * jnp.einsum("bhck,bhvk->bhcv", q_c, s)
+         + jnp.einsum("bhti,bhiv->bhtv", attn_c, u))
+    s = gamma_end_c[..., None, None] * s + jnp.einsum("bhcv,bhc,bhck->bhvk", u, to_end_c, k_c)
+    return s, o
+
+  batch, _, heads, _, key_dim = k.shape
+  s0 = jnp.zeros((batch, heads, v.shape[-1], key_dim), v.dtype)
+  _, o = jax.lax.scan(step, s0, tuple(
+      jnp.moveaxis(t, 1, 0) for t in (q, k, w, u_prime, attn, gamma, to_end, gamma_end)))
+  o = jnp.moveaxis(o, 0, 1)  # [batch, chunks, heads, chunk, value_dim]
+  o = jnp.moveaxis(o, 2, 3).reshape(batch, -1, heads, o.shape[-1])
+  return o[:, :seq]
+
+
+class GatedDeltaNet(SequenceMixer):
+  """Gated DeltaNet block as in flash-linear-attention: q/k/v projections with short conv and
+  SiLU, L2-normalised q/k, Mamba-style decay, sigmoid beta, gated delta rule, per-head RMSNorm
+  gated by silu(gate projection), output projection. No projection has a bias."""
+
+  def __init__(self, width: int, num_heads: int, *, head_dim: int | None = None,
+               value_head_dim: int | None = None, conv_size: int = 4, chunk_size: int = 64,
+               algorithm: str = "chunked", dtype: Any = None, rngs: nnx.Rngs):
+    """Args:
+      width: model width.
+      num_heads: heads.
+      head_dim: key/query dimension per head (default width // num_heads).
+      value_head_dim: value dimension per head (default 2 * head_dim, fla's expand_v=2).
+      conv_size: short causal conv width.
+      chunk_size: chunk length of the WY/UT form.
+      algorithm: "chunked" (training) or "recurrent" (token by token, the reference).
+      dtype: compute dtype of projections and conv (None: promote); the state is float32.
+      rngs: parameter initialisation.
+    """
+    if algorithm not in ("chunked", "recurrent"):
+      raise ValueError(f"algorithm must be 'chunked' or 'recurrent', got {algorithm!r}")
+    head_dim = width // num_heads if head_dim is None else head_dim
+    value_head_dim = 2 * head_dim if value_head_dim is None else value_head_dim
+    self.num_heads, self.head_dim, self.value_head_dim = num_heads, head_dim, value_head_dim
+    self.chunk_size, self.algorithm = chunk_size, algorithm
+    key_width, value_width = num_heads * head_dim, num_heads * value_head_dim
+
+    def proj(features):
+      return dense(width, features, ("embed", "heads"), use_bias=False, dtype=dtype, rngs=rngs)
+
+    self.q_proj, self.k_proj = proj(key_width), proj(key_width)
+    self.v_proj, self.gate_proj = proj(value_width), proj(value_width)
+    self.a_proj, self.b_proj = proj(num_heads), proj(num_heads)
+    self.q_conv, self.k_conv = (ShortConv(key_width, conv_size, "heads", use_bias=False,
+                                          rngs=rngs) for _ in range(2))
+    self.v_conv = ShortConv(value_width, conv_size, "heads", use_bias=False, rngs=rngs)
+    self.a_log, self.dt_bias = decay_params(num_heads, rngs)
+    self.norm = GatedRMSNorm(value_width, value_head_dim, norm_before_gate=True, rngs=rngs)
+    self.out_proj = dense(value_width, width, ("heads", "embed"), use_bias=False, dtype=dtype,
+                          rngs=rngs)
+
+  def mix(self, x: jax.Array) -> jax.Array:
+    """x: `[batch, seq, width]` -> `[batch, seq, width]` (dtype of x); causal."""
+    batch, seq, _ = x.shape
+    f32 = jnp.float32
+
+    def heads(t):
+      return t.astype(f32).reshape(batch, seq, self.num_heads, -1)
+
+    q = l2_normalize(heads(self.q_conv(self.q_proj(x)))) * self.head_dim ** -0.5
+    k = l2_normalize(heads(self.k_conv(self.k_proj(x))))
+    v = heads(self.v_conv(self.v_proj(x)))
+    beta = jax.nn.sigmoid(self.b_proj(x).astype(f32))
+    g = -jnp.exp(self.a_log[...]) * jax.nn.softplus(self.a_proj(x).astype(f32) + self.dt_bias[...])
+    if self.algorithm == "chunked":
+      o = gated_delta_rule_chunked(q, k, v, g, beta, self.chunk_size)
+    else:
+      o = gated_delta_rule_recurrent(q, k, v, g, beta)
+    o = self.norm(o.reshape(batch, seq, -1), self.gate_proj(x))
+    return self.out_proj(o).astype(x.dtype)

@@ -1,0 +1,99 @@
+"""diffusers AutoencoderKLCogVideoX checkpoint (config.json + safetensors) -> CogVideoXVAE.
+
+Our parameter paths mirror diffusers' module names, so a torch key is the path with the last
+name translated (`kernel`/`scale` -> `weight`); only the kernel layout changes:
+conv3d [out, in, t, h, w] -> [t, h, w, in, out], conv2d [out, in, h, w] -> [h, w, in, out].
+No torch is needed: tensors are read with `safetensors` (its flax reader, so bf16 files load too).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+from safetensors import safe_open
+
+from ttt_jax import checkpoint
+from ttt_jax.models.vae import CogVideoXVAE, VAEConfig
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+# torch kernel axes -> ours, by kernel rank.
+_KERNEL_PERMUTATION = {5: (2, 3, 4, 1, 0), 4: (2, 3, 1, 0)}
+
+
+def torch_key(path: tuple) -> str:
+  """Our parameter path, e.g. ('decoder', 'up_blocks', 0, 'resnets', 1, 'conv1', 'conv', 'kernel'),
+  -> diffusers' key 'decoder.up_blocks.0.resnets.1.conv1.conv.weight'."""
+  return ".".join([*map(str, path[:-1]), _TORCH_LEAF[path[-1]]])
+
+
+def _abstract_model(config: VAEConfig):
+  return nnx.split(nnx.eval_shape(lambda: CogVideoXVAE(config, rngs=nnx.Rngs(0))))
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  with jax.default_device(jax.devices("cpu")[0]), safe_open(path, framework="flax") as f:
+    return {k: np.asarray(f.get_tensor(k), dtype=np.float32) for k in f.keys()}
+
+
+def load_diffusers_vae(src_dir: str | os.PathLike) -> tuple[VAEConfig, CogVideoXVAE]:
+  """Reads `src_dir`/config.json and `src_dir`/diffusion_pytorch_model.safetensors.
+
+  Raises:
+    ValueError: if the config is not one we reproduce, if the checkpoint lacks a parameter of
+      the model or has one the model does not (all listed), or if a shape disagrees.
+  """
+  with open(os.path.join(src_dir, "config.json")) as f:
+    config = VAEConfig.from_diffusers(json.load(f))
+  tensors = _read_safetensors(os.path.join(src_dir, WEIGHTS_NAME))
+  graphdef, abstract = _abstract_model(config)
+  flat = nnx.to_flat_state(abstract)
+  wanted = {torch_key(path): path for path, _ in flat}
+  missing, unexpected = sorted(wanted.keys() - tensors.keys()), sorted(tensors.keys() - wanted)
+  if missing or unexpected:
+    raise ValueError(f"{src_dir} does not match the model its config.json describes:\n"
+                     f"  missing from checkpoint: {missing}\n"
+                     f"  unexpected in checkpoint: {unexpected}")
+  values = []
+  for path, variable in flat:
+    key = torch_key(path)
+    value = tensors[key]
+    if path[-1] == "kernel":
+      value = value.transpose(_KERNEL_PERMUTATION[value.ndim])
+    if value.shape != variable.shape:
+      raise ValueError(f"{key}: checkpoint shape {tensors[key].shape} gives {value.shape}, "
+                       f"the model wants {variable.shape}")
+    values.append((path, variable.replace(jnp.asarray(value))))
+  return config, nnx.merge(graphdef, nnx.from_flat_state(values))
+
+
+def _params_tree(state: nnx.State) -> dict:
+  """Parameters as nested dicts with string keys: Orbax would store list indices as strings."""
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+  return traverse_util.unflatten_dict({tuple(map(str, k)): v for k, v in flat.items()})
+
+
+def convert_vae(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> None:
+  """Writes `dst_dir`/params (an Orbax checkpoint of the parameters) and `dst_dir`/config.json."""
+  config, model = load_diffusers_vae(src_dir)
+  os.makedirs(dst_dir, exist_ok=True)
+  checkpoint.save_params(os.path.join(dst_dir, "params"),
+                         _params_tree(nnx.state(model, nnx.Param)))
+  with open(os.path.join(dst_dir, "config.json"), "w") as f:
+    json.dump(dataclasses.asdict(config), f, indent=2)
+
+
+def load_converted_vae(ckpt_dir: str | os.PathLike) -> tuple[VAEConfig, CogVideoXVAE]:
+  """Reads what `convert_vae` wrote; a missing or unexpected parameter raises ValueError."""
+  with open(os.path.join(ckpt_dir, "config.json")) as f:
+    config = VAEConfig.from_dict(json.load(f))
+  graphdef, abstract = _abstract_model(config)
+  target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), _params_tree(abstract))
+  nnx.replace_by_pure_dict(
+      abstract, checkpoint.load_params(os.path.join(ckpt_dir, "params"), target))
+  return config, nnx.merge(graphdef, abstract)
