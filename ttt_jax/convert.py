@@ -1,6 +1,8 @@
 """Weight import CLI: one subcommand per source model.
 
   python -m ttt_jax.convert cogvideox --src DIR --dst DIR [--mixer ttt_mlp] [--seed 0]
+  python -m ttt_jax.convert vae --src DIR --dst DIR
+  python -m ttt_jax.convert t5 --src DIR --dst DIR
 
 `cogvideox` reads a diffusers CogVideoXTransformer3DModel folder (the `transformer/` folder of
 THUDM/CogVideoX-5b) and writes `DST/params` (Orbax) and `DST/config.json`.
@@ -22,6 +24,18 @@ def _cogvideox(args: argparse.Namespace) -> None:
   print(f"wrote {args.dst}: {cfg.num_layers} layers, width {cfg.width}, mixer {cfg.mixer}")
 
 
+def _vae(args: argparse.Namespace) -> None:
+  from ttt_jax.models import vae_convert
+  vae_convert.convert_vae(args.src, args.dst)
+  print(f"wrote {args.dst}")
+
+
+def _t5(args: argparse.Namespace) -> None:
+  from ttt_jax.models import t5_convert
+  t5_convert.convert_t5(args.src, args.dst)
+  print(f"wrote {args.dst}")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m ttt_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON dict of extra build_mixer arguments, e.g. \'{"mini_batch_size": 64}\'')
   cog.add_argument("--seed", type=int, default=0, help="init seed of the new parameters")
   cog.set_defaults(run=_cogvideox)
+  for name, help_text, fn in (
+      ("vae", "diffusers AutoencoderKLCogVideoX folder -> VAE params", _vae),
+      ("t5", "transformers T5EncoderModel folder -> text-encoder params", _t5)):
+    cmd = sub.add_parser(name, help=help_text)
+    cmd.add_argument("--src", required=True, help="source model folder")
+    cmd.add_argument("--dst", required=True, help="output folder (DST/params must not exist)")
+    cmd.set_defaults(run=fn)
   return parser
 
 
