@@ -13,6 +13,12 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "numpy>=1.26",
     "tqdm>=4.66",
+    # Datasets: tfds builders written as array_record, read without TensorFlow.
+    "tensorflow-datasets>=4.9.9,<5",
+    "array-record>=0.8",
+    # mp4 in and out (sampling, datasets) and PNG contact sheets.
+    "imageio-ffmpeg>=0.5",
+    "pillow>=10",
     # Converters read checkpoints without torch; the tokenizer needs sentencepiece.
     "safetensors>=0.4.5",
     "sentencepiece>=0.2",
@@ -28,10 +34,9 @@ EXTRAS = {
         "transformers>=4.50,<6",
         "accelerate>=1.0",
     ],
-    "video": ["imageio-ffmpeg>=0.5", "pillow>=10"],
 }
 EXTRAS["test"] = sorted(
-    set(EXTRAS["torch"] + EXTRAS["video"] + ["pytest>=8", "pytest-xdist>=3.5"]))
+    set(EXTRAS["torch"] + ["pytest>=8", "pytest-xdist>=3.5"]))
 
 setup(
     name="ttt_jax",
