@@ -10,12 +10,18 @@ INSTALL_REQUIRES = [
     "einops>=0.8,<0.9",
     "ml_collections>=1.0,<2",
     "clu>=0.0.12",
+    # clu writes TensorBoard files through TensorFlow; without it, through tensorboardX
+    # (ttt_jax/writers.py), so that no TensorFlow enters the training process.
+    "tensorboardX>=2.6",
     "absl-py>=2.1",
     "numpy>=1.26",
     "tqdm>=4.66",
     # Datasets: tfds builders written as array_record, read without TensorFlow.
     "tensorflow-datasets>=4.9.9,<5",
     "array-record>=0.8",
+    # tfds 4.9.x needs it to build datasets; current etils no longer pulls it in.
+    "importlib_resources>=6",
+    "scipy>=1.11",  # toy_toons' metric labels connected components
     # mp4 in and out (sampling, datasets) and PNG contact sheets.
     "imageio-ffmpeg>=0.5",
     "pillow>=10",
