@@ -156,10 +156,9 @@ def load_hf_t5_encoder(src_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
   return config, params_to_model(config, params, dtype=dtype, param_dtype=param_dtype)
 
 
-def convert_t5(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
-               param_dtype: Any = jnp.float32) -> None:
-  """transformers T5 encoder directory -> `dst_dir/config.json` + Orbax `dst_dir/params`."""
-  config, model = load_hf_t5_encoder(src_dir, param_dtype=param_dtype)
+def save_t5(dst_dir: str | os.PathLike, config: T5Config, model: T5Encoder) -> None:
+  """Writes `dst_dir/config.json` and Orbax `dst_dir/params` (must not exist yet): what `load_t5`
+  reads. `config` must describe `model` (after `extend_embeddings`, pass `model.config`)."""
   dst_dir = os.fspath(dst_dir)
   os.makedirs(dst_dir, exist_ok=True)
   checkpoint.save_params(os.path.join(dst_dir, "params"),
@@ -168,9 +167,15 @@ def convert_t5(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
     json.dump(dataclasses.asdict(config), f, indent=2)
 
 
+def convert_t5(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
+               param_dtype: Any = jnp.float32) -> None:
+  """transformers T5 encoder directory -> `dst_dir/config.json` + Orbax `dst_dir/params`."""
+  save_t5(dst_dir, *load_hf_t5_encoder(src_dir, param_dtype=param_dtype))
+
+
 def load_t5(ckpt_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
             param_dtype: Any = jnp.float32) -> tuple[T5Config, T5Encoder]:
-  """Reads a directory written by `convert_t5`."""
+  """Reads a directory written by `save_t5` (or `convert_t5`)."""
   ckpt_dir = os.fspath(ckpt_dir)
   with open(os.path.join(ckpt_dir, "config.json")) as f:
     config = T5Config.from_hf(json.load(f))

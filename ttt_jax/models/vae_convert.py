@@ -78,9 +78,9 @@ def _params_tree(state: nnx.State) -> dict:
   return traverse_util.unflatten_dict({tuple(map(str, k)): v for k, v in flat.items()})
 
 
-def convert_vae(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> None:
-  """Writes `dst_dir`/params (an Orbax checkpoint of the parameters) and `dst_dir`/config.json."""
-  config, model = load_diffusers_vae(src_dir)
+def save_vae(dst_dir: str | os.PathLike, config: VAEConfig, model: CogVideoXVAE) -> None:
+  """Writes `dst_dir`/params (an Orbax checkpoint of the parameters; must not exist yet) and
+  `dst_dir`/config.json: what `load_converted_vae` reads."""
   os.makedirs(dst_dir, exist_ok=True)
   checkpoint.save_params(os.path.join(dst_dir, "params"),
                          _params_tree(nnx.state(model, nnx.Param)))
@@ -88,8 +88,13 @@ def convert_vae(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> None:
     json.dump(dataclasses.asdict(config), f, indent=2)
 
 
+def convert_vae(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> None:
+  """diffusers VAE folder -> `dst_dir`/params + `dst_dir`/config.json (see `save_vae`)."""
+  save_vae(dst_dir, *load_diffusers_vae(src_dir))
+
+
 def load_converted_vae(ckpt_dir: str | os.PathLike) -> tuple[VAEConfig, CogVideoXVAE]:
-  """Reads what `convert_vae` wrote; a missing or unexpected parameter raises ValueError."""
+  """Reads what `save_vae` wrote; a missing or unexpected parameter raises ValueError."""
   with open(os.path.join(ckpt_dir, "config.json")) as f:
     config = VAEConfig.from_dict(json.load(f))
   graphdef, abstract = _abstract_model(config)

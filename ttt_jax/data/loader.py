@@ -1,0 +1,176 @@
+"""The training loader over a precomputed dataset (`ttt_jax.data.precompute`): deterministic,
+resumable, random access, numpy only (no TensorFlow, no tf.data, no jax).
+
+`batch(step)` is a pure function of (seed, step), so resuming at step s means asking for step s;
+no iterator state is saved. The example stream is the concatenation of epoch permutations, epoch e
+permuted by `np.random.default_rng([seed, e])`:
+  - drop_remainder=False: step s takes stream positions [s * G, (s + 1) * G) (G: global batch),
+    so a batch may straddle two epochs and every example appears exactly once per epoch;
+  - drop_remainder=True: an epoch is n // G whole batches of its own permutation and the n % G
+    examples left at its end are skipped (others each epoch), so no batch straddles epochs nor
+    holds an example twice. When G divides n both agree with epoch e = s * G // n.
+Process p of P takes the p-th contiguous slice of G / P examples of each global batch.
+
+A latent sample is drawn per (seed, step, example): `(mean + exp(logvar / 2) * eps) * scaling`,
+eps from `np.random.default_rng([seed, step, index, 1])`; the final 1 keeps these streams apart
+from the permutations' (SeedSequence pads entropy with zeros, so [s, e] == [s, e, 0, 0]).
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import itertools
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+INFO_FILE = "precompute.json"
+NULL_TEXT_FILE = "null_text_embeds.npy"
+_NOISE_STREAM = 1
+
+
+def decode_text(value) -> str:
+  """A tfds Text value (bytes when read back) as str."""
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class LatentLoader:
+  """Batches of a precomputed split.
+
+  Args:
+    dataset_dir: a directory written by `ttt_jax.data.precompute`.
+    batch_size: the global batch, over all processes.
+    seed: permutation and latent-noise seed (non-negative).
+    shuffle: permute each epoch; False reads examples in dataset order.
+    process_index, process_count: this process's slice of each global batch.
+    drop_remainder: see the module docstring.
+    prefetch: batches `iterate` computes ahead in a background thread (0: none).
+
+  Attributes:
+    info: the dataset's precompute.json.
+    num_examples: examples in the dataset.
+    null_text: float32 [max_length, d_model], the empty prompt's T5 embedding (text dropout).
+    local_batch_size: batch_size // process_count, the leading dimension of `batch(step)`.
+    steps_per_epoch: batches per epoch (fractional without drop_remainder).
+
+  Raises:
+    FileNotFoundError: no precomputed dataset at dataset_dir.
+    ValueError: empty dataset, a batch that does not split over the processes, or (with
+      drop_remainder) a batch larger than the dataset.
+  """
+
+  def __init__(self, dataset_dir: str | os.PathLike, *, batch_size: int, seed: int,
+               shuffle: bool = True, process_index: int = 0, process_count: int = 1,
+               drop_remainder: bool = True, prefetch: int = 2):
+    dataset_dir = os.fspath(dataset_dir)
+    info_path = os.path.join(dataset_dir, INFO_FILE)
+    if not os.path.isfile(info_path):
+      raise FileNotFoundError(f"no precomputed dataset at {dataset_dir!r} (no {INFO_FILE}; "
+                              "write one with python -m ttt_jax.data.precompute)")
+    with open(info_path) as f:
+      self.info = json.load(f)
+    if seed < 0:
+      raise ValueError(f"seed must be non-negative, got {seed}")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if batch_size < 1 or batch_size % process_count:
+      raise ValueError(f"batch_size {batch_size} must be a positive multiple of "
+                       f"process_count {process_count}")
+    self._source = tfds.builder_from_directory(dataset_dir).as_data_source()[self.info["split"]]
+    self.num_examples = len(self._source)
+    if self.num_examples == 0:
+      raise ValueError(f"{dataset_dir}: the dataset is empty")
+    if drop_remainder and batch_size > self.num_examples:
+      raise ValueError(f"{dataset_dir}: batch_size {batch_size} > {self.num_examples} examples "
+                       "with drop_remainder=True (a batch would repeat examples)")
+    self.null_text = np.load(os.path.join(dataset_dir, NULL_TEXT_FILE)).astype(np.float32)
+    self.dataset_dir, self.batch_size, self.seed, self.shuffle = (
+        dataset_dir, batch_size, seed, shuffle)
+    self.process_index, self.process_count = process_index, process_count
+    self.local_batch_size = batch_size // process_count
+    self.drop_remainder, self.prefetch = drop_remainder, prefetch
+    self.scaling_factor = float(self.info["scaling_factor"])
+    self.steps_per_epoch = (self.num_examples // batch_size if drop_remainder
+                            else self.num_examples / batch_size)
+
+  def _order(self, epoch: int) -> np.ndarray:
+    if not self.shuffle:
+      return np.arange(self.num_examples)
+    return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+
+  def indices(self, step: int) -> np.ndarray:
+    """Dataset indices of this process's examples at `step`, int64 [local_batch_size]."""
+    if step < 0:
+      raise ValueError(f"step must be non-negative, got {step}")
+    n, g, b = self.num_examples, self.batch_size, self.local_batch_size
+    offsets = self.process_index * b + np.arange(b)
+    if self.drop_remainder:
+      epoch, k = divmod(step, n // g)
+      return self._order(epoch)[k * g + offsets]
+    positions = step * g + offsets
+    epochs, within = np.divmod(positions, n)
+    out = np.empty(b, np.int64)
+    for epoch in np.unique(epochs):  # at most ceil(b / n) + 1 epochs
+      out[epochs == epoch] = self._order(int(epoch))[within[epochs == epoch]]
+    return out
+
+  def _latents(self, example: dict, step: int, index: int) -> np.ndarray:
+    """One posterior sample, scaled, DiT layout float32 [latent_frames, C, h, w]."""
+    mean, logvar = example["latent_mean"], example["latent_logvar"]
+    rng = np.random.default_rng([self.seed, step, index, _NOISE_STREAM])
+    eps = rng.standard_normal(mean.shape, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # reported below, naming the example
+      z = (mean + np.exp(0.5 * logvar) * eps) * np.float32(self.scaling_factor)
+    if not np.isfinite(z).all():
+      raise FloatingPointError(f"{self.dataset_dir}: example {decode_text(example['id'])!r} "
+                               f"(index {index}) has non-finite latents")
+    return z.transpose(0, 3, 1, 2)
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's batch at `step`:
+      latents float32 [B, latent_frames, C, h, w]  (DiT layout, scaled, sampled)
+      text    float32 [B, segments, max_length, d_model]
+      ids     str [B]
+    with B = local_batch_size."""
+    indices = self.indices(step)
+    examples = self._source.__getitems__(indices.tolist())
+    return {
+        "latents": np.stack([self._latents(ex, step, int(i))
+                             for ex, i in zip(examples, indices)]),
+        "text": np.stack([ex["text_embeds"] for ex in examples]).astype(np.float32, copy=False),
+        "ids": np.array([decode_text(ex["id"]) for ex in examples]),
+    }
+
+  def iterate(self, start_step: int = 0,
+              num_steps: int | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(step, batch(step)) for step = start_step, start_step + 1, ... (num_steps of them, or
+    forever). With prefetch > 0 one background thread computes up to `prefetch` batches ahead;
+    they are handed out in step order, so the result is the same as without."""
+    end = None if num_steps is None else start_step + num_steps
+    steps = itertools.count(start_step) if end is None else range(start_step, end)
+    if self.prefetch <= 0:
+      for step in steps:
+        yield step, self.batch(step)
+      return
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                 thread_name_prefix="LatentLoader")
+    pending = collections.deque()
+    try:
+      for step in steps:
+        pending.append((step, pool.submit(self.batch, step)))
+        if len(pending) > self.prefetch:
+          step_done, future = pending.popleft()
+          yield step_done, future.result()
+      while pending:
+        step_done, future = pending.popleft()
+        yield step_done, future.result()
+    finally:
+      for _, future in pending:
+        future.cancel()
+      pool.shutdown(wait=True)
+
+  def __iter__(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    return self.iterate(0)
