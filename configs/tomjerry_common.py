@@ -60,6 +60,12 @@ def stage_config(seconds: int, arg=None) -> ml_collections.ConfigDict:
   c.sampling = ml_collections.ConfigDict(dict(
       sampler="ddim", num_steps=50, guidance_scale=6.0, dynamic_cfg=False))
 
+  c.data = ml_collections.ConfigDict(dict(
+      latents="",                      # python -m ttt_jax.data.precompute output for this stage
+  ))
+  # Devices: data x fsdp x context x tensor (ttt_jax/parallel/mesh.py); -1 takes the rest.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
+
   first = previous is None
   c.init_from = ""                     # previous stage's workdir: parameters only
   c.previous_stage = "" if first else f"{previous}s"
@@ -78,6 +84,8 @@ def stage_config(seconds: int, arg=None) -> ml_collections.ConfigDict:
       grad_clip=0.1,
       text_dropout=0.1,                # for classifier-free guidance
       checkpoint_every=250, keep_checkpoints=3, log_every=10,
+      profile_steps=0,                 # >0: a jax.profiler trace of that many steps (clu)
+      loss_weighting="snr_plus_one",   # CogVideoX's v-prediction weighting
   ))
 
   if runlocal:

@@ -18,6 +18,7 @@ from flax import nnx, traverse_util
 from safetensors import safe_open
 
 from ttt_jax import checkpoint
+from ttt_jax.models import pixel_vae
 from ttt_jax.models.vae import CogVideoXVAE, VAEConfig
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -88,15 +89,27 @@ def save_vae(dst_dir: str | os.PathLike, config: VAEConfig, model: CogVideoXVAE)
     json.dump(dataclasses.asdict(config), f, indent=2)
 
 
+def save_pixel_vae(dst_dir: str | os.PathLike, config: pixel_vae.PixelVAEConfig) -> None:
+  """Writes `dst_dir`/config.json for the parameter-free toy autoencoder (see pixel_vae.py)."""
+  os.makedirs(dst_dir, exist_ok=True)
+  with open(os.path.join(dst_dir, "config.json"), "w") as f:
+    json.dump(dataclasses.asdict(config), f, indent=2)
+
+
 def convert_vae(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> None:
   """diffusers VAE folder -> `dst_dir`/params + `dst_dir`/config.json (see `save_vae`)."""
   save_vae(dst_dir, *load_diffusers_vae(src_dir))
 
 
 def load_converted_vae(ckpt_dir: str | os.PathLike) -> tuple[VAEConfig, CogVideoXVAE]:
-  """Reads what `save_vae` wrote; a missing or unexpected parameter raises ValueError."""
+  """Reads what `save_vae` (or `save_pixel_vae`) wrote; a missing or unexpected parameter
+  raises ValueError."""
   with open(os.path.join(ckpt_dir, "config.json")) as f:
-    config = VAEConfig.from_dict(json.load(f))
+    raw = json.load(f)
+  if raw.get("kind") == pixel_vae.KIND:  # parameter-free: nothing else to read
+    config = pixel_vae.PixelVAEConfig.from_dict(raw)
+    return config, pixel_vae.PixelVAE(config)
+  config = VAEConfig.from_dict(raw)
   graphdef, abstract = _abstract_model(config)
   target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), _params_tree(abstract))
   nnx.replace_by_pure_dict(

@@ -1,0 +1,225 @@
+"""Training: optimizer groups, exact resume after a hard kill, NaN stop, stage hand-off, sharding,
+and every stage's local config trained in sequence with hand-off."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from configs import tomjerry_3s, tomjerry_9s, tomjerry_18s, tomjerry_30s, tomjerry_63s
+from ttt_jax import checkpoint, train
+from ttt_jax.parallel import mesh as mesh_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class FakeLoader:
+  """Deterministic random latents/texts of the config's shapes; batch(step) is pure."""
+
+  def __init__(self, config, nan_at=None):
+    self.c, self.nan_at = config, nan_at
+    self.null_text = np.zeros((config.text.max_length, config.model.text_embed_dim), np.float32)
+
+  def batch(self, step):
+    c = self.c
+    rng = np.random.default_rng([7, step])
+    lat = rng.normal(size=(c.train.batch_size, 1 + 12 * c.segments, c.model.in_channels,
+                           c.height // 8, c.width // 8)).astype(np.float32)
+    if step == self.nan_at:
+      lat[0, 0, 0, 0, 0] = np.nan
+    text = rng.normal(size=(c.train.batch_size, c.segments, c.text.max_length,
+                            c.model.text_embed_dim)).astype(np.float32)
+    return {"latents": lat, "text": text}
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [(r["step"], r["loss"]) for r in map(json.loads, f)]
+
+
+def _one_device():
+  return mesh_lib.make_mesh(devices=jax.devices()[:1])
+
+
+def small(config_module, **train_overrides):
+  c = config_module.get_config("runlocal")
+  c.train.update(train_overrides)
+  return c
+
+
+# ---------------------------------------------------------------------------- optimizer
+
+def test_groups_and_labels_follow_the_stages():
+  flat = {("blocks", "mixer", "wq", "kernel"): 0, ("blocks", "alpha"): 0,
+          ("blocks", "attn1", "to_q", "kernel"): 0, ("blocks", "ff", "proj_in", "kernel"): 0,
+          ("patch_proj", "kernel"): 0}
+  first = train._labels(flat, tomjerry_3s.get_config().train)
+  assert first == {("blocks", "mixer", "wq", "kernel"): "fast", ("blocks", "alpha"): "fast",
+                   ("blocks", "attn1", "to_q", "kernel"): "slow",
+                   ("blocks", "ff", "proj_in", "kernel"): "slow", ("patch_proj", "kernel"): "slow"}
+  later = train._labels(flat, tomjerry_9s.get_config().train)
+  assert later[("blocks", "ff", "proj_in", "kernel")] == "frozen"
+  assert later[("patch_proj", "kernel")] == "frozen"
+  assert later[("blocks", "attn1", "to_q", "kernel")] == "slow"
+  assert later[("blocks", "mixer", "wq", "kernel")] == "fast"
+  bad = tomjerry_9s.get_config().train
+  bad.trainable = ("mixer", "nonsense")
+  with pytest.raises(ValueError, match="unknown group.*nonsense"):
+    train._labels(flat, bad)
+
+
+def test_adamw_step_matches_hand_computation():
+  """One step from fresh state: clip to 0.1, Adam's first update is g/(|g|+eps) per element,
+  decoupled weight decay on kernels only, per-group peak lr after warm-up."""
+  c = tomjerry_3s.get_config().train
+  c.warmup_steps, c.schedule = 0, "constant"
+  paths = [("blocks", "mixer", "wq", "kernel"), ("blocks", "mixer", "wq", "bias"),
+           ("blocks", "ff", "proj_in", "kernel"), ("norm_out", "scale")]
+  rng = np.random.default_rng(0)
+  params = {p: rng.normal(size=(3, 4)).astype(np.float32) for p in paths}
+  grads = {p: rng.normal(size=(3, 4)).astype(np.float32) for p in paths}
+  labels = train._labels(params, c)
+  tx = train.make_optimizer(c, paths, labels)
+  tree = traverse_util.unflatten_dict
+  updates, _ = tx.update(tree(grads), tx.init(tree(params)), tree(params))
+  updates = traverse_util.flatten_dict(updates)
+  norm = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads.values()))
+  scale = min(1.0, c.grad_clip / norm)
+  for p in paths:
+    g = grads[p] * scale
+    lr = c.mixer_lr if p[1] == "mixer" else c.lr
+    decay = c.weight_decay if p[-1] == "kernel" else 0.0
+    want = -lr * (g / (np.abs(g) + 1e-8) + decay * params[p])
+    np.testing.assert_allclose(updates[p], want, rtol=2e-4, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+def test_frozen_groups_do_not_move_and_trained_ones_do(tmp_path):
+  c = small(tomjerry_9s, steps=2, checkpoint_every=2)
+  c.train.lr = c.train.mixer_lr = 1e-2
+  out = train.train(c, str(tmp_path / "a"), loader=FakeLoader(c), mesh=_one_device())
+  c0 = small(tomjerry_9s, steps=0)
+  setup = train.build_setup(c0, _one_device())
+  before = {p: np.asarray(v) for p, v in train.init_params(setup, c.seed).items()}
+  after = traverse_util.flatten_dict(checkpoint.load_params(os.path.join(out["model"], "params")))
+  for p, v in before.items():
+    moved = not np.array_equal(v, np.asarray(after[p]))
+    assert moved == (setup.labels[p] != "frozen"), p
+
+
+def test_resume_after_hard_kill_gives_the_same_loss_curve(tmp_path):
+  script = tmp_path / "run.py"
+  script.write_text(textwrap.dedent(f"""
+      import sys
+      sys.path.insert(0, {REPO!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
+      from configs import tomjerry_3s
+      from test_train import FakeLoader, small
+      from ttt_jax import train
+      c = small(tomjerry_3s, steps=6, checkpoint_every=2, keep_checkpoints=2)
+      train.train(c, sys.argv[1], loader=FakeLoader(c))
+      """))
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  subprocess.run([sys.executable, str(script), str(tmp_path / "straight")], env=env, check=True)
+  killed = subprocess.run([sys.executable, str(script), str(tmp_path / "resumed")],
+                          env={**env, "TTT_JAX_FAULT_KILL_AT_STEP": "5"})
+  assert killed.returncode == -9  # SIGKILL after step 5, its checkpoint at 4
+  assert [s for s, _ in _losses(tmp_path / "resumed")] == [1, 2, 3, 4, 5]
+  subprocess.run([sys.executable, str(script), str(tmp_path / "resumed")], env=env, check=True)
+  assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
+  assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["4", "6"]  # keep-2
+  a = checkpoint.load_params(tmp_path / "straight" / "model" / "params")
+  b = checkpoint.load_params(tmp_path / "resumed" / "model" / "params")
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+  c = small(tomjerry_3s, steps=6, checkpoint_every=2)
+  with pytest.raises(FloatingPointError, match=r"step 4: non-finite.*step 2"):
+    train.train(c, str(tmp_path), loader=FakeLoader(c, nan_at=3), mesh=_one_device())
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+  assert not (tmp_path / "model").exists()
+
+
+def test_sharded_run_matches_one_device(tmp_path):
+  c = small(tomjerry_3s, steps=2, checkpoint_every=2, batch_size=4)
+  train.train(c, str(tmp_path / "one"), loader=FakeLoader(c), mesh=_one_device())
+  mesh = mesh_lib.make_mesh(data=2, fsdp=2, tensor=2)
+  train.train(c, str(tmp_path / "eight"), loader=FakeLoader(c), mesh=mesh)
+  one, eight = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
+  np.testing.assert_allclose([l for _, l in eight], [l for _, l in one], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- hand-off
+
+def test_handoff_initialises_only_new_parameters(tmp_path):
+  a = small(tomjerry_3s, steps=1, checkpoint_every=1)
+  a.model.mixer = "none"
+  train.train(a, str(tmp_path / "a"), loader=FakeLoader(a), mesh=_one_device())
+  b = small(tomjerry_9s)
+  b.model.mixer = "ttt_linear"
+  setup = train.build_setup(b, _one_device())
+  params, fresh = train.load_handoff(setup, str(tmp_path / "a"), seed=0)
+  assert fresh and all(f.split("/")[1] in ("mixer", "alpha", "beta") for f in fresh)
+  stored = traverse_util.flatten_dict(
+      checkpoint.load_params(tmp_path / "a" / "checkpoints" / "1" / "params"))
+  for p, v in stored.items():
+    np.testing.assert_array_equal(np.asarray(params[p]), v)
+  assert len(params) == len(stored) + len(fresh)
+
+
+@pytest.fixture(scope="module")
+def stage_a(tmp_path_factory):
+  """A finished 1-step 3 s local run (ttt_mlp): the hand-off source."""
+  a = small(tomjerry_3s, steps=1, checkpoint_every=1)
+  return train.train(a, str(tmp_path_factory.mktemp("stage_a")), loader=FakeLoader(a),
+                     mesh=_one_device())["workdir"]
+
+
+def test_handoff_reports_missing_unexpected_and_mismatched(stage_a, tmp_path):
+  b = small(tomjerry_9s)
+  b.model.mixer = "none"       # the source's mixer parameters are unexpected
+  with pytest.raises(ValueError, match=r"unexpected parameters: \['blocks/alpha'"):
+    train.load_handoff(train.build_setup(b, _one_device()), stage_a, 0)
+  b = small(tomjerry_9s)
+  b.model.num_layers = 3       # every block parameter has the wrong layer count
+  with pytest.raises(ValueError, match=r"shape mismatches: \['blocks/alpha: \(2, 2, 32\) stored"):
+    train.load_handoff(train.build_setup(b, _one_device()), stage_a, 0)
+  # A source that lacks a non-new parameter: drop one from an exported model directory.
+  params = checkpoint.load_params(os.path.join(stage_a, "model", "params"))
+  del params["proj_out"]["bias"]
+  checkpoint.save_params(tmp_path / "partial" / "params", params)
+  with pytest.raises(ValueError, match=r"missing parameters: \['proj_out/bias'\]"):
+    train.load_handoff(train.build_setup(small(tomjerry_9s), _one_device()),
+                       str(tmp_path / "partial"), 0)
+  with pytest.raises(ValueError, match="neither a training workdir"):
+    train.load_handoff(train.build_setup(small(tomjerry_9s), _one_device()),
+                       str(tmp_path / "nowhere"), 0)
+
+
+def test_all_five_local_stages_train_in_sequence_with_handoff(tmp_path):
+  previous = None
+  for module in (tomjerry_3s, tomjerry_9s, tomjerry_18s, tomjerry_30s, tomjerry_63s):
+    c = small(module, steps=2, checkpoint_every=2)
+    if previous:
+      c.init_from = previous
+    out = train.train(c, str(tmp_path / c.stage), loader=FakeLoader(c), mesh=_one_device())
+    assert out["step"] == 2 and np.isfinite(out["last"]["loss"])
+    assert out["initialised_fresh"] == []
+    previous = out["workdir"]
+  # The last stage's export loads as a DiT for sampling.
+  from ttt_jax.models.dit_convert import load_dit
+  assert load_dit(os.path.join(previous, "model")).config.mixer == "ttt_mlp"
+
+
+def test_dataset_config_mismatch_is_an_error(tmp_path):
+  c = small(tomjerry_9s)
+  other = small(tomjerry_3s)
+  with pytest.raises(ValueError, match="latent frames for 3 segments"):
+    train.train(c, str(tmp_path), loader=FakeLoader(other), mesh=_one_device())

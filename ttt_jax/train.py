@@ -1,0 +1,514 @@
+"""Staged fine-tuning of the video DiT on precomputed latents.
+
+  python -m ttt_jax.train --config=configs/tomjerry_3s.py[:runlocal] --workdir=DIR \
+      [--config.data.latents=LATENTS_DIR] [--config.init_from=PREVIOUS_WORKDIR]
+  python -m ttt_jax.train --config=configs/toy.py --workdir=DIR   # the whole toy pipeline
+
+Reads a dataset written by `python -m ttt_jax.data.precompute` (`config.data.latents`) with the
+deterministic loader (batch k depends only on the seed and k), and trains with the paper's recipe
+(../shared/PAPER.md, "Staged context extension"): v-prediction loss, 10% text dropout, AdamW with
+per-group learning rates (TTT/mixer and gates faster than the rest in stage 1) and frozen groups in
+later stages, global-norm clipping, bf16 compute with fp32 parameters and optimizer state.
+
+What lands in DIR:
+  checkpoints/<step>/{params,opt_state,meta}  Orbax CheckpointManager: periodic + final, keep-N.
+      Restarting with the same DIR resumes exactly (same data order, same noise, same losses).
+  model/{params,config.json}  the final DiT, loadable by `load_dit` (sampling, next stage).
+  metrics.jsonl               one line per step: step, loss, grad_norm, lr.
+  events.out.tfevents.*       TensorBoard (clu writers).
+
+Stage hand-off: `config.init_from` names the previous stage's workdir (or a converted CogVideoX
+directory with params/ + config.json). Parameters only are loaded; mixer and gate parameters the
+source lacks are initialised fresh; any other missing parameter, an unexpected one or a shape
+mismatch stops with the full list. The optimizer starts fresh.
+
+A NaN or inf loss or gradient stops the run with the step number; the last good checkpoint stays.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx, traverse_util
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ttt_jax import diffusion
+from ttt_jax.models.dit import DiT, DiTConfig
+from ttt_jax.parallel import mesh as mesh_lib
+
+Path = tuple[str, ...]
+GROUPS = ("mixer", "gates", "attention", "rest")
+# Leaves that get weight decay: the weight matrices. Biases, norm scales, gates, the TTT inner
+# biases / LN and the inner learning-rate bias do not (the paper: "not on biases and norms").
+_DECAYED = ("kernel", "W1", "W2", "lr_weight", "embedding", "pos_embedding")
+# Parameters a hand-off may initialise when its source lacks them (the paper's additions).
+_NEW_IN_BLOCK = ("mixer", "mixer_reverse", "alpha", "beta")
+
+
+# ---------------------------------------------------------------------------- parameter groups
+
+def group_of(path: Path) -> str:
+  """'mixer' | 'gates' | 'attention' | 'rest' for a DiT parameter path."""
+  if path[0] == "blocks" and len(path) > 1:
+    if path[1] in ("mixer", "mixer_reverse"):
+      return "mixer"
+    if path[1] in ("alpha", "beta"):
+      return "gates"
+    if path[1] == "attn1":
+      return "attention"
+  return "rest"
+
+
+def is_new_param(path: Path) -> bool:
+  """Parameters the paper adds to CogVideoX: a hand-off initialises them when missing."""
+  return len(path) > 1 and path[0] == "blocks" and path[1] in _NEW_IN_BLOCK
+
+
+def _labels(flat: dict[Path, Any], train: ml_collections.ConfigDict) -> dict[Path, str]:
+  """Optimizer label per parameter: 'fast' (mixer_lr), 'slow' (lr) or 'frozen'."""
+  trainable = tuple(train.trainable)
+  unknown = set(trainable) - set(GROUPS) - {"all"}
+  if unknown:
+    raise ValueError(f"config.train.trainable has unknown group(s) {sorted(unknown)}; groups: "
+                     f"{GROUPS} or 'all'")
+  labels = {}
+  for path in flat:
+    group = group_of(path)
+    if "all" not in trainable and group not in trainable:
+      labels[path] = "frozen"
+    else:
+      labels[path] = "fast" if group in ("mixer", "gates") else "slow"
+  if all(v == "frozen" for v in labels.values()):
+    raise ValueError(f"config.train.trainable={trainable} selects no parameter of this model")
+  return labels
+
+
+def schedule_fn(train: ml_collections.ConfigDict, peak: float) -> optax.Schedule:
+  """Linear warm-up, then cosine decay to 0 or constant."""
+  warmup = int(train.warmup_steps)
+  if train.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(int(train.steps), warmup + 1))
+  if train.schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
+                                 optax.constant_schedule(peak)], [warmup])
+  raise ValueError(f"config.train.schedule must be 'cosine' or 'constant', got "
+                   f"{train.schedule!r}")
+
+
+def make_optimizer(train: ml_collections.ConfigDict, trainable_paths: Iterable[Path],
+                   labels: dict[Path, str]) -> optax.GradientTransformation:
+  """Clip by global norm, then AdamW per label group, over the trainable parameters only."""
+  trainable_paths = list(trainable_paths)
+
+  def adamw(peak):
+    decay_mask = lambda tree: traverse_util.unflatten_dict(
+        {p: p[-1] in _DECAYED for p in traverse_util.flatten_dict(tree)})
+    return optax.adamw(schedule_fn(train, peak), b1=train.adam_b1, b2=train.adam_b2,
+                       weight_decay=train.weight_decay, mask=decay_mask)
+
+  label_tree = traverse_util.unflatten_dict({p: labels[p] for p in trainable_paths})
+  return optax.chain(
+      optax.clip_by_global_norm(train.grad_clip),
+      optax.multi_transform({"fast": adamw(train.mixer_lr), "slow": adamw(train.lr)},
+                            label_tree))
+
+
+# ---------------------------------------------------------------------------- model and state
+
+def dit_config(config: ml_collections.ConfigDict) -> DiTConfig:
+  return DiTConfig.from_dict(config.model.to_dict())
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything the loop needs that does not change per step."""
+  cfg: DiTConfig
+  graphdef: Any
+  rest: Any                       # non-parameter state of the model (empty for the DiT)
+  abstract: dict[Path, jax.ShapeDtypeStruct]  # every parameter, flat
+  shardings: dict[Path, NamedSharding]
+  labels: dict[Path, str]
+  tx: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+
+  @property
+  def trainable(self) -> list[Path]:
+    return [p for p in self.abstract if self.labels[p] != "frozen"]
+
+  def split(self, flat: dict[Path, Any]) -> tuple[dict, dict]:
+    """Flat params -> (trainable nested dict, frozen nested dict)."""
+    tr = {p: v for p, v in flat.items() if self.labels[p] != "frozen"}
+    fr = {p: v for p, v in flat.items() if self.labels[p] == "frozen"}
+    return traverse_util.unflatten_dict(tr), traverse_util.unflatten_dict(fr) if fr else {}
+
+
+def build_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
+  cfg = dit_config(config)
+  abstract_model = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(config.seed)))
+  graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
+  shard_state = mesh_lib.state_shardings(params, mesh, _rules(config))
+  abstract = traverse_util.flatten_dict(params.to_pure_dict())
+  shardings = traverse_util.flatten_dict(shard_state.to_pure_dict())
+  labels = _labels(abstract, config.train)
+  trainable = [p for p in abstract if labels[p] != "frozen"]
+  tx = make_optimizer(config.train, trainable, labels)
+  return Setup(cfg, graphdef, rest, abstract, shardings, labels, tx, mesh)
+
+
+def _rules(config):
+  rules = config.get("mesh_rules")
+  return tuple(tuple(r) for r in rules) if rules else mesh_lib.DEFAULT_RULES
+
+
+def init_params(setup: Setup, seed: int) -> dict[Path, jax.Array]:
+  """Fresh parameters, created sharded (no full copy on one device)."""
+  paths = list(setup.abstract)
+
+  def init():
+    model = DiT(setup.cfg, rngs=nnx.Rngs(seed))
+    flat = traverse_util.flatten_dict(nnx.state(model, nnx.Param).to_pure_dict())
+    return [flat[p] for p in paths]
+
+  out = jax.jit(init, out_shardings=[setup.shardings[p] for p in paths])()
+  return dict(zip(paths, out))
+
+
+def opt_shardings(setup: Setup, opt_abstract: Any) -> Any:
+  """Optimizer-state shardings: each per-parameter leaf like its parameter, the rest replicated."""
+  trainable, _ = setup.split({p: setup.shardings[p] for p in setup.abstract})
+  replicated = NamedSharding(setup.mesh, PartitionSpec())
+  masked = optax.transforms.MaskedNode
+  return optax.tree_map_params(
+      setup.tx, lambda leaf, s: leaf if isinstance(leaf, masked) else s, opt_abstract, trainable,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, (NamedSharding, masked)))
+
+
+# ---------------------------------------------------------------------------- the train step
+
+def make_train_step(config: ml_collections.ConfigDict, setup: Setup, null_text: np.ndarray,
+                    batch_shardings: dict[str, NamedSharding], opt_sh: Any):
+  """jit-compiled (params_trainable, params_frozen, opt_state, batch, step) -> (..., metrics)."""
+  schedule = diffusion.make_schedule(**config.diffusion)
+  train = config.train
+  null = jnp.asarray(null_text, jnp.float32)
+  weighting = train.get("loss_weighting", "snr_plus_one")
+
+  def loss_fn(trainable, frozen, batch, rng):
+    model = nnx.merge(setup.graphdef, _merge(trainable, frozen), setup.rest, copy=True)
+    x0, text = batch["latents"], batch["text"]
+    t_rng, n_rng, d_rng = jax.random.split(rng, 3)
+    t = diffusion.sample_timesteps(t_rng, x0.shape[0], schedule)
+    noise = jax.random.normal(n_rng, x0.shape, jnp.float32)
+    # Text dropout for classifier-free guidance: the whole example's texts become the null text.
+    drop = jax.random.uniform(d_rng, (x0.shape[0],)) < train.text_dropout
+    text = jnp.where(drop[:, None, None, None], null[None, None].astype(text.dtype), text)
+    v_pred = model(diffusion.add_noise(schedule, x0, noise, t), text, t)
+    return diffusion.v_prediction_loss(schedule, v_pred.astype(jnp.float32), x0, noise, t,
+                                       weighting=weighting)
+
+  lr_fast = schedule_fn(train, train.mixer_lr)
+  lr_slow = schedule_fn(train, train.lr)
+
+  def step_fn(trainable, frozen, opt_state, batch, step):
+    rng = jax.random.fold_in(jax.random.key(config.seed), step)
+    loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch, rng)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = setup.tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_slow(step),
+               "lr_mixer": lr_fast(step)}
+    return trainable, opt_state, metrics
+
+  tr_sh, fr_sh = setup.split({p: setup.shardings[p] for p in setup.abstract})
+  replicated = NamedSharding(setup.mesh, PartitionSpec())
+  return jax.jit(
+      step_fn,
+      in_shardings=(tr_sh, fr_sh, opt_sh, batch_shardings, replicated),
+      out_shardings=(tr_sh, opt_sh, replicated),
+      donate_argnums=(0, 2))
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def _checkpoint_manager(workdir: str, train: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=int(train.keep_checkpoints), create=True, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=options, item_names=("params", "opt_state", "meta"))
+
+
+def _with_shardings(tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _stored_params_dir(source: str) -> str:
+  """The parameter checkpoint of a previous stage's workdir or of a converted model dir."""
+  source = os.path.abspath(source)
+  ckpts = os.path.join(source, "checkpoints")
+  if os.path.isdir(ckpts):
+    with ocp.CheckpointManager(ckpts) as mngr:
+      step = mngr.latest_step()
+    if step is None:
+      raise ValueError(f"config.init_from={source}: {ckpts} holds no finished checkpoint")
+    return os.path.join(ckpts, str(step), "params")
+  for sub in ("model/params", "params"):
+    if os.path.isdir(os.path.join(source, sub)):
+      return os.path.join(source, sub)
+  raise ValueError(f"config.init_from={source}: neither a training workdir (checkpoints/) nor a "
+                   "model directory (params/ + config.json)")
+
+
+def load_handoff(setup: Setup, source: str, seed: int) -> tuple[dict[Path, jax.Array], list[str]]:
+  """Parameters from a previous stage; returns (flat params, names initialised fresh)."""
+  directory = _stored_params_dir(source)
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(directory)
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
+    tree = tree if tree is not None else getattr(meta, "item_metadata", meta)
+    stored = traverse_util.flatten_dict(_plain(tree))
+    missing = sorted("/".join(p) for p in setup.abstract
+                     if p not in stored and not is_new_param(p))
+    unexpected = sorted("/".join(p) for p in stored if p not in setup.abstract)
+    mismatched = sorted(f"{'/'.join(p)}: {tuple(stored[p].shape)} stored, "
+                        f"{tuple(setup.abstract[p].shape)} expected"
+                        for p in stored if p in setup.abstract
+                        and tuple(stored[p].shape) != tuple(setup.abstract[p].shape))
+    if missing or unexpected or mismatched:
+      raise ValueError(
+          f"config.init_from: {directory} does not fit this stage's model:\n"
+          f"  missing parameters: {missing}\n  unexpected parameters: {unexpected}\n"
+          f"  shape mismatches: {mismatched}")
+    target = traverse_util.unflatten_dict({
+        p: jax.ShapeDtypeStruct(setup.abstract[p].shape, setup.abstract[p].dtype,
+                                sharding=setup.shardings[p]) for p in stored})
+    restored = traverse_util.flatten_dict(ckptr.restore(directory, target))
+  fresh = [p for p in setup.abstract if p not in restored]
+  if fresh:
+    init = init_params(setup, seed)
+    restored.update({p: init[p] for p in fresh})
+  return {p: restored[p] for p in setup.abstract}, ["/".join(p) for p in fresh]
+
+
+def _plain(tree):
+  """Orbax metadata tree -> nested dict of objects with .shape."""
+  if isinstance(tree, dict):
+    return {k: _plain(v) for k, v in tree.items()}
+  return tree
+
+
+def export_model(directory: str, cfg: DiTConfig, params: dict[Path, jax.Array]) -> None:
+  """Writes `directory/params` + `config.json` (what `load_dit` reads), replacing a previous one."""
+  from ttt_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  tmp = directory + ".tmp"
+  if os.path.exists(tmp):
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(tmp)
+  os.makedirs(tmp)
+  checkpoint.save_params(os.path.join(tmp, "params"), traverse_util.unflatten_dict(params))
+  with open(os.path.join(tmp, "config.json"), "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+  if os.path.exists(directory):
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(directory)
+  os.replace(tmp, directory)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+def _check_batch_shapes(config, batch):
+  c = config
+  f = 1 + 12 * c.segments
+  lat, text = batch["latents"], batch["text"]
+  if lat.shape[1] != f or lat.shape[2] != c.model.in_channels:
+    raise ValueError(f"dataset latents {lat.shape[1:]} (frames, channels, h, w) do not match the "
+                     f"config: {f} latent frames for {c.segments} segments, "
+                     f"{c.model.in_channels} channels")
+  if text.shape[1] != c.segments or text.shape[3] != c.model.text_embed_dim:
+    raise ValueError(f"dataset text embeddings {text.shape[1:]} (segments, length, dim) do not "
+                     f"match the config: {c.segments} segments, text_embed_dim "
+                     f"{c.model.text_embed_dim}")
+
+
+def _write_jsonl(path: str, record: dict) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+  """After a resume, drop log lines of steps the restored checkpoint had not reached."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [l for l in f if l.strip() and json.loads(l)["step"] <= last_step]
+  with open(path, "w") as f:
+    f.writelines(lines)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, loader: Any = None,
+          mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+  """Runs (or resumes) one stage. Returns a summary dict (final step, last loss, paths).
+
+  Args:
+    config: a stage config (configs/tomjerry_*.py).
+    workdir: output directory; an existing one with checkpoints is resumed.
+    loader: anything with `batch(step) -> {"latents", "text"}`, `null_text` [L, D]; default: a
+      `LatentLoader` over config.data.latents.
+    mesh: default: config.mesh (all devices on the data axis).
+
+  Raises:
+    FloatingPointError: non-finite loss or gradient (names the step and the last good checkpoint).
+    ValueError: bad config, dataset/config mismatch, hand-off mismatch.
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  train_cfg = config.train
+  if mesh is None:
+    m = config.get("mesh", ml_collections.ConfigDict())
+    mesh = mesh_lib.make_mesh(m.get("data", -1), m.get("fsdp", 1), m.get("context", 1),
+                              m.get("tensor", 1))
+  if loader is None:
+    from ttt_jax.data.loader import LatentLoader  # pylint: disable=g-import-not-at-top
+    if not config.data.latents:
+      raise ValueError("config.data.latents is empty: point it at a `python -m "
+                       "ttt_jax.data.precompute` output")
+    loader = LatentLoader(config.data.latents, batch_size=train_cfg.batch_size, seed=config.seed,
+                          process_index=jax.process_index(), process_count=jax.process_count())
+
+  setup = build_setup(config, mesh)
+  batch_sh = {
+      "latents": mesh_lib.activation_sharding(mesh, ("batch",) + (None,) * 4,
+                                              (train_cfg.batch_size, 1, 1, 1, 1), _rules(config)),
+      "text": mesh_lib.activation_sharding(mesh, ("batch",) + (None,) * 3,
+                                           (train_cfg.batch_size, 1, 1, 1), _rules(config))}
+
+  tr_abs, _ = setup.split(setup.abstract)
+  opt_abs = jax.eval_shape(setup.tx.init, tr_abs)
+  opt_sh = opt_shardings(setup, opt_abs)
+  step_fn = make_train_step(config, setup, loader.null_text, batch_sh, opt_sh)
+
+  from ttt_jax.writers import metric_writers, parameter_overview, periodic_actions  # pylint: disable=g-import-not-at-top
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  mngr = _checkpoint_manager(workdir, train_cfg)
+  try:
+    start = mngr.latest_step()
+    if start is not None:
+      restored = mngr.restore(start, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(_with_shardings(
+              traverse_util.unflatten_dict(setup.abstract),
+              traverse_util.unflatten_dict(setup.shardings))),
+          opt_state=ocp.args.StandardRestore(_with_shardings(opt_abs, opt_sh)),
+          meta=ocp.args.JsonRestore()))
+      params = traverse_util.flatten_dict(restored["params"])
+      opt_state = restored["opt_state"]
+      _truncate_jsonl(metrics_path, start)
+      logging.info("resumed from step %d of %s", start, mngr.directory)
+      fresh = []
+    else:
+      start = 0
+      if config.get("init_from"):
+        params, fresh = load_handoff(setup, config.init_from, config.seed)
+        logging.info("stage hand-off from %s; initialised fresh: %s", config.init_from, fresh)
+      else:
+        params, fresh = init_params(setup, config.seed), []
+      trainable, _ = setup.split(params)
+      opt_state = jax.jit(setup.tx.init, out_shardings=opt_sh)(trainable)
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+      parameter_overview.log_parameter_overview(traverse_util.unflatten_dict(params))
+      writer.write_hparams({"stage": config.stage, "steps": int(train_cfg.steps),
+                            "batch_size": int(train_cfg.batch_size), "lr": float(train_cfg.lr),
+                            "mixer_lr": float(train_cfg.mixer_lr)})
+
+    trainable, frozen = setup.split(params)
+    del params
+    total = int(train_cfg.steps)
+    hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                             every_steps=int(train_cfg.log_every))]
+    if train_cfg.get("profile_steps", 0) and jax.process_index() == 0:
+      hooks.append(periodic_actions.Profile(logdir=workdir,
+                                            num_profile_steps=int(train_cfg.profile_steps)))
+    kill_at = int(os.environ.get("TTT_JAX_FAULT_KILL_AT_STEP", "0"))
+    last = {}
+    for step in range(start, total):
+      local = loader.batch(step)
+      if step == start:
+        _check_batch_shapes(config, local)
+      batch = {k: jax.make_array_from_process_local_data(batch_sh[k], np.asarray(local[k]))
+               for k in ("latents", "text")}
+      trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch,
+                                              jnp.asarray(step, jnp.int32))
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      done = step + 1
+      if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+        mngr.wait_until_finished()
+        good = mngr.latest_step()
+        raise FloatingPointError(
+            f"step {done}: non-finite loss {metrics['loss']} or gradient norm "
+            f"{metrics['grad_norm']}; stopped. Last good checkpoint: "
+            f"{'none' if good is None else f'step {good}'} in {mngr.directory}")
+      last = {"step": done, **metrics}
+      if jax.process_index() == 0:
+        _write_jsonl(metrics_path, last)
+      if done % int(train_cfg.log_every) == 0 or done == total:
+        writer.write_scalars(done, metrics)
+      for hook in hooks:
+        hook(done)
+      if done % int(train_cfg.checkpoint_every) == 0 or done == total:
+        mngr.save(done, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(_merge(trainable, frozen)),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave({"step": done, "stage": config.stage,
+                                    "initialised_fresh": fresh})))
+      if kill_at and done == kill_at:  # fault injection for the resume test: a hard kill
+        os.kill(os.getpid(), signal.SIGKILL)
+    mngr.wait_until_finished()
+    final = traverse_util.flatten_dict(_merge(trainable, frozen))
+    if jax.process_index() == 0:
+      export_model(os.path.join(workdir, "model"), setup.cfg, final)
+    writer.flush()
+    return {"stage": config.stage, "step": total, "workdir": workdir,
+            "model": os.path.join(workdir, "model"), "last": last, "initialised_fresh": fresh}
+  finally:
+    mngr.close()
+    writer.close()
+
+
+def _merge(trainable: dict, frozen: dict) -> dict:
+  flat = traverse_util.flatten_dict(trainable)
+  if frozen:
+    flat.update(traverse_util.flatten_dict(frozen))
+  return traverse_util.unflatten_dict(flat)
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if config.get("pipeline"):  # configs/toy.py: the whole pipeline, not one stage
+    from ttt_jax import pipeline  # pylint: disable=g-import-not-at-top
+    print(json.dumps(pipeline.run(config, workdir), indent=2))
+  else:
+    print(json.dumps(train(config, workdir)))
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  config_flags.DEFINE_config_file("config", None, "configs/<stage>.py[:runlocal]")
+  flags.DEFINE_string("workdir", None, "output directory (resumed if it has checkpoints)")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
