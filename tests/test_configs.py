@@ -30,7 +30,7 @@ def test_runlocal_keeps_structure(seconds):
 
 def test_paper_numbers():
   assert [_load(s).latent_frames for s in STAGES] == [13, 37, 73, 121, 253]
-  assert [_load(s).train.steps for s in STAGES] == [5000, 5000, 1000, 1000, 250]
+  assert [_load(s).train.steps for s in STAGES] == [5000, 5000, 1000, 500, 250]
   first, later = _load(3), _load(63)
   assert first.train.trainable == ("all",) and first.train.mixer_lr == 1e-4
   assert later.train.trainable == ("mixer", "gates", "attention") and later.train.lr == 1e-5
@@ -43,3 +43,23 @@ def test_paper_numbers():
 def test_bad_argument_is_an_error():
   with pytest.raises(ValueError, match="runlocal"):
     _load(3, "run_local")
+
+
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_toy_stages_keep_the_tomjerry_structure(arg):
+  toy = importlib.import_module("configs.toy").get_config(arg)
+  assert toy.pipeline == "toy"
+  for seconds in STAGES:
+    stage, real = toy.stages[f"s{seconds}"], _load(seconds)
+    assert stage.segments == real.segments and stage.latent_frames == real.latent_frames
+    assert stage.previous_stage == real.previous_stage and stage.fps == real.fps
+    for key in ("trainable", "schedule", "adam_b1", "adam_b2", "weight_decay", "grad_clip",
+                "text_dropout"):
+      assert stage.train[key] == real.train[key], key
+    assert stage.model.mixer == real.model.mixer
+    assert (stage.train.mixer_lr > stage.train.lr) == (real.train.mixer_lr > real.train.lr)
+    assert stage.model.max_text_seq_length == stage.text.max_length
+    assert stage.height % toy.vae.patch == 0 and stage.width % toy.vae.patch == 0
+    assert stage.model.in_channels == 3 * toy.vae.patch ** 2
+    assert stage.model.sample_height == stage.height // toy.vae.patch
+    DiTConfig.from_dict(stage.model.to_dict())

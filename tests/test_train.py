@@ -124,6 +124,7 @@ def test_resume_after_hard_kill_gives_the_same_loss_curve(tmp_path):
       from ttt_jax import train
       c = small(tomjerry_3s, steps=6, checkpoint_every=2, keep_checkpoints=2)
       train.train(c, sys.argv[1], loader=FakeLoader(c))
+      assert "tensorflow" not in sys.modules  # clu writers, Orbax, optax: no TensorFlow
       """))
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
   subprocess.run([sys.executable, str(script), str(tmp_path / "straight")], env=env, check=True)
@@ -134,6 +135,7 @@ def test_resume_after_hard_kill_gives_the_same_loss_curve(tmp_path):
   subprocess.run([sys.executable, str(script), str(tmp_path / "resumed")], env=env, check=True)
   assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
   assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["4", "6"]  # keep-2
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "resumed"))
   a = checkpoint.load_params(tmp_path / "straight" / "model" / "params")
   b = checkpoint.load_params(tmp_path / "resumed" / "model" / "params")
   jax.tree.map(np.testing.assert_array_equal, a, b)

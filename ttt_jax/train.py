@@ -497,6 +497,8 @@ def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if flags.FLAGS.distributed:  # multi-host (TPU pod, multi-node GPU): before any device use
+    jax.distributed.initialize()
   if config.get("pipeline"):  # configs/toy.py: the whole pipeline, not one stage
     from ttt_jax import pipeline  # pylint: disable=g-import-not-at-top
     print(json.dumps(pipeline.run(config, workdir), indent=2))
@@ -510,5 +512,6 @@ if __name__ == "__main__":
 
   config_flags.DEFINE_config_file("config", None, "configs/<stage>.py[:runlocal]")
   flags.DEFINE_string("workdir", None, "output directory (resumed if it has checkpoints)")
+  flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -3,23 +3,13 @@ the short causal convolution, gated RMSNorm and the Mamba-style decay parameters
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-Initializer = Callable[..., jax.Array]
-
-
-def partitioned(init: Initializer, names: Sequence[str | None]) -> Initializer:
-  """Attaches logical axis names to a parameter initializer.
-
-  Eager sharding is off: the names are metadata only, so modules build without a mesh; a sharded
-  model is made by jitting the constructor with `nnx.get_partition_spec` out-shardings.
-  """
-  return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
-
+from ttt_jax.parallel.mesh import partitioned  # re-exported: the mixers import it from here
 
 def dense(in_features: int, out_features: int, names: tuple[str | None, str | None], *,
           use_bias: bool, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:

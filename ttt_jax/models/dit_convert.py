@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
-import safetensors.numpy
 from flax import nnx
 
 from ttt_jax import checkpoint
 from ttt_jax.models.dit import DiT, DiTConfig, MixerFactory, default_mixer_factory
+from ttt_jax.models.safetensors_io import read_safetensors_dir
 
 Path = tuple[str, ...]
 
@@ -53,38 +51,11 @@ _BLOCK = {
 # Parameters CogVideoX does not have: initialised fresh.
 _NEW_IN_BLOCK = ("mixer", "mixer_reverse", "alpha", "beta")
 
-_ST_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
-              "F64": np.float64}
-
-
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """safetensors.numpy.load_file, plus bfloat16 (released CogVideoX weights are bf16)."""
-  try:
-    return safetensors.numpy.load_file(path)
-  except TypeError:  # numpy has no bfloat16: read the (documented) layout directly.
-    with open(path, "rb") as f:
-      header_len = struct.unpack("<Q", f.read(8))[0]
-      header = json.loads(f.read(header_len))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
-    return {name: np.frombuffer(data[start:end], _ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-            for name, info in header.items() if name != "__metadata__"
-            for start, end in [info["data_offsets"]]}
-
-
 def read_diffusers(src: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """(config dict, state dict) of a diffusers transformer folder."""
   with open(os.path.join(src, "config.json")) as f:
     config = json.load(f)
-  index = os.path.join(src, "diffusion_pytorch_model.safetensors.index.json")
-  if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-  else:
-    files = ["diffusion_pytorch_model.safetensors"]
-  state = {}
-  for name in files:
-    state.update(_read_safetensors(os.path.join(src, name)))
-  return config, state
+  return config, read_safetensors_dir(src, "diffusion_pytorch_model.safetensors")
 
 
 def _target(key: str) -> tuple[Path, int | None] | None:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt_jax.models.rope import apply_rope
+from ttt_jax.parallel.mesh import partitioned  # re-exported: dit.py imports it from here
 
 Rope = tuple[jnp.ndarray, jnp.ndarray]
 
@@ -23,14 +24,6 @@ _default_kernel = nnx.initializers.lecun_normal()
 def constrain(x: jnp.ndarray, names: Sequence[str | None]) -> jnp.ndarray:
   """Logical sharding annotation of an activation."""
   return nn.with_logical_constraint(x, tuple(names))
-
-
-def partitioned(initializer, axes: tuple[str | None, ...]):
-  """Initializer whose variable carries logical axis names as metadata only.
-
-  Eager sharding is off so that models build without a mesh; ttt_jax/parallel shards them.
-  """
-  return nnx.with_partitioning(initializer, axes, eager_sharding=False)
 
 
 def linear(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,

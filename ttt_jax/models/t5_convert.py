@@ -1,6 +1,6 @@
 """transformers T5 encoder checkpoint (config.json + safetensors) -> `T5Encoder`, and to/from Orbax.
 
-Reads with `safetensors.numpy`, so torch is not needed. Accepts a single `model.safetensors` or a
+Reads with `safetensors_io`, so torch is not needed. Accepts a single `model.safetensors` or a
 sharded one (`model.safetensors.index.json`, as CogVideoX's `text_encoder/` ships it).
 
 Every tensor is accounted for: a weight the model needs and the files lack, or a tensor the files
@@ -21,11 +21,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.flax
-import safetensors.numpy
 from flax import nnx
 
 from ttt_jax import checkpoint
+from ttt_jax.models.safetensors_io import read_safetensors_dir
 from ttt_jax.models.t5 import T5Config, T5Encoder
 
 _EMBED_KEY = "shared.weight"
@@ -52,30 +51,6 @@ def _hf_key_to_path(config: T5Config) -> dict[str, tuple[str, ...]]:
     for name in ("wi_0", "wi_1", "wo"):
       table[hf + f"1.DenseReluDense.{name}.weight"] = (*ours, name, "kernel")
   return table
-
-
-def _load_shard(path: str) -> dict[str, Any]:
-  try:
-    return safetensors.numpy.load_file(path)
-  except TypeError:  # safetensors 0.4.x has no numpy bfloat16, and CogVideoX's T5 is bf16
-    return safetensors.flax.load_file(path)
-
-
-def _read_safetensors(src_dir: str) -> dict[str, Any]:
-  """Every tensor of the checkpoint: numpy arrays, or jax arrays from an old safetensors."""
-  index = os.path.join(src_dir, "model.safetensors.index.json")
-  if os.path.exists(index):
-    with open(index) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
-  elif os.path.exists(os.path.join(src_dir, "model.safetensors")):
-    shards = ["model.safetensors"]
-  else:
-    raise FileNotFoundError(
-        f"{src_dir}: neither model.safetensors nor model.safetensors.index.json")
-  tensors = {}
-  for shard in shards:
-    tensors.update(_load_shard(os.path.join(src_dir, shard)))
-  return tensors
 
 
 def _untie_embedding(tensors: dict[str, Any]) -> None:
@@ -152,7 +127,8 @@ def load_hf_t5_encoder(src_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
   src_dir = os.fspath(src_dir)
   with open(os.path.join(src_dir, "config.json")) as f:
     config = T5Config.from_hf(json.load(f))
-  params = hf_to_params(config, _read_safetensors(src_dir), param_dtype)
+  params = hf_to_params(config, read_safetensors_dir(src_dir, "model.safetensors"),
+                        param_dtype)
   return config, params_to_model(config, params, dtype=dtype, param_dtype=param_dtype)
 
 

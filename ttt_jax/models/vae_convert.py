@@ -3,7 +3,7 @@
 Our parameter paths mirror diffusers' module names, so a torch key is the path with the last
 name translated (`kernel`/`scale` -> `weight`); only the kernel layout changes:
 conv3d [out, in, t, h, w] -> [t, h, w, in, out], conv2d [out, in, h, w] -> [h, w, in, out].
-No torch is needed: tensors are read with `safetensors` (its flax reader, so bf16 files load too).
+No torch is needed: tensors are read with `safetensors_io` (bf16 files load too), as float32.
 """
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
-from safetensors import safe_open
 
 from ttt_jax import checkpoint
 from ttt_jax.models import pixel_vae
+from ttt_jax.models.safetensors_io import read_safetensors_dir
 from ttt_jax.models.vae import CogVideoXVAE, VAEConfig
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -37,13 +37,8 @@ def _abstract_model(config: VAEConfig):
   return nnx.split(nnx.eval_shape(lambda: CogVideoXVAE(config, rngs=nnx.Rngs(0))))
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  with jax.default_device(jax.devices("cpu")[0]), safe_open(path, framework="flax") as f:
-    return {k: np.asarray(f.get_tensor(k), dtype=np.float32) for k in f.keys()}
-
-
 def load_diffusers_vae(src_dir: str | os.PathLike) -> tuple[VAEConfig, CogVideoXVAE]:
-  """Reads `src_dir`/config.json and `src_dir`/diffusion_pytorch_model.safetensors.
+  """Reads `src_dir`/config.json and `src_dir`/diffusion_pytorch_model.safetensors (or its shards).
 
   Raises:
     ValueError: if the config is not one we reproduce, if the checkpoint lacks a parameter of
@@ -51,7 +46,8 @@ def load_diffusers_vae(src_dir: str | os.PathLike) -> tuple[VAEConfig, CogVideoX
   """
   with open(os.path.join(src_dir, "config.json")) as f:
     config = VAEConfig.from_diffusers(json.load(f))
-  tensors = _read_safetensors(os.path.join(src_dir, WEIGHTS_NAME))
+  tensors = {k: v.astype(np.float32)
+             for k, v in read_safetensors_dir(src_dir, WEIGHTS_NAME).items()}
   graphdef, abstract = _abstract_model(config)
   flat = nnx.to_flat_state(abstract)
   wanted = {torch_key(path): path for path, _ in flat}

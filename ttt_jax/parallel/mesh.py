@@ -10,7 +10,7 @@ the model. Mesh axes:
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -18,6 +18,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
+
+Initializer = Callable[..., jax.Array]
 
 # Logical name -> mesh axes (tried in order; a mesh axis is used at most once per array).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -32,6 +34,16 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("conv_in", None),
 )
+
+
+def partitioned(init: Initializer, names: Sequence[str | None]) -> Initializer:
+  """Attaches logical axis `names` (one per parameter dimension) to a parameter initializer.
+
+  Eager sharding is off: the names are metadata only, so modules build without a mesh; a sharded
+  model is made by `shard_module`, or by jitting the constructor with `nnx.get_partition_spec`
+  out-shardings.
+  """
+  return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, context: int = 1, tensor: int = 1,
