@@ -60,6 +60,6 @@ def test_toy_stages_keep_the_tomjerry_structure(arg):
     assert (stage.train.mixer_lr > stage.train.lr) == (real.train.mixer_lr > real.train.lr)
     assert stage.model.max_text_seq_length == stage.text.max_length
     assert stage.height % toy.vae.patch == 0 and stage.width % toy.vae.patch == 0
-    assert stage.model.in_channels == 3 * toy.vae.patch ** 2
+    assert stage.model.in_channels == toy.vae.latent_channels
     assert stage.model.sample_height == stage.height // toy.vae.patch
     DiTConfig.from_dict(stage.model.to_dict())

@@ -9,8 +9,8 @@ What is trained, and what is not:
     sequences apart, and the DiT's text projection (trained in stage 1) learns to read it;
     training a text encoder would need an objective of its own (captioning or contrastive), a
     project beyond a toy;
-  * the autoencoder: NOT trained; the parameter-free space-to-depth autoencoder of
-    ttt_jax/models/pixel_vae.py (its docstring has the measurements behind that choice);
+  * the autoencoder: a linear patch autoencoder fitted by PCA (closed form) to training frames,
+    not the CogVideoX VAE (ttt_jax/models/pixel_vae.py has the measurements behind that choice);
   * the DiT: trained, five stages, 3 -> 9 -> 18 -> 30 -> 63 s, each from the previous one's
     parameters (the paper's recipe; configs/toy.py).
 
@@ -20,6 +20,7 @@ summary.json. Each piece is skipped when already complete, so a rerun resumes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -64,7 +65,7 @@ def build_text_encoder(config, workdir: str, datasets) -> tuple[str, str]:
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   from ttt_jax.data import toy_toons  # pylint: disable=g-import-not-at-top
-  from ttt_jax.data.tokenizer import StoryboardTokenizer  # pylint: disable=g-import-not-at-top
+  from ttt_jax.data.tokenizer import StoryboardTokenizer, segment_text  # pylint: disable=g-import-not-at-top
   from ttt_jax.models.t5 import T5Config, T5Encoder  # pylint: disable=g-import-not-at-top
   from ttt_jax.models.t5_convert import save_t5  # pylint: disable=g-import-not-at-top
 
@@ -75,11 +76,17 @@ def build_text_encoder(config, workdir: str, datasets) -> tuple[str, str]:
   os.makedirs(text_dir, exist_ok=True)
   corpus = [t for ds in datasets.values() for story in _stories(ds, "train")
             for t in toy_toons.story_texts(story)]
+  # Word pieces: the toy vocabulary is a few dozen words, and a sub-word model of that corpus
+  # splits the first segment's facts into so many pieces that max_length would cut them off.
   sentencepiece.SentencePieceTrainer.train(
       sentence_iterator=iter(corpus), model_prefix=os.path.join(text_dir, "spiece"),
-      vocab_size=256, hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1,
+      vocab_size=1000, hard_vocab_limit=False, model_type="word", pad_id=0, eos_id=1,
       unk_id=2, bos_id=-1, minloglevel=2)
   tokenizer = StoryboardTokenizer(spm, max_length=config.text.max_length)
+  longest = max(len(tokenizer.tokenize(segment_text(t, True, True))) + 1 for t in corpus)
+  if longest > config.text.max_length:
+    raise ValueError(f"toy texts need {longest} tokens with scene tokens and EOS; "
+                     f"config.text.max_length={config.text.max_length} would truncate them")
   t5_config = T5Config(vocab_size=tokenizer.vocab_size, d_model=config.text.d_model,
                        d_kv=config.text.d_kv, d_ff=config.text.d_ff,
                        num_layers=config.text.num_layers, num_heads=config.text.num_heads,
@@ -89,6 +96,7 @@ def build_text_encoder(config, workdir: str, datasets) -> tuple[str, str]:
 
 
 def build_autoencoder(config, workdir: str, datasets) -> str:
+  """Fits the linear patch autoencoder (PCA) to training frames of the 3 s stage."""
   from ttt_jax.models import pixel_vae  # pylint: disable=g-import-not-at-top
   from ttt_jax.models.vae_convert import save_pixel_vae  # pylint: disable=g-import-not-at-top
   vae_dir = os.path.join(workdir, "vae")
@@ -97,10 +105,15 @@ def build_autoencoder(config, workdir: str, datasets) -> str:
   if config.vae.kind != pixel_vae.KIND:
     raise ValueError(f"config.vae.kind={config.vae.kind!r}: the toy pipeline has only 'pixel'")
   source = datasets[3].as_data_source()["train"]
-  pixels = np.concatenate([source[i]["video"][::7].reshape(-1) for i in range(len(source))])
-  std = float(np.std(pixels.astype(np.float32) / 127.5 - 1.0))
-  save_pixel_vae(vae_dir, pixel_vae.PixelVAEConfig(patch=config.vae.patch,
-                                                   scaling_factor=1.0 / max(std, 1e-3)))
+  frames = np.concatenate([source[i]["video"][::6] for i in range(len(source))])
+  frames = frames.astype(np.float32) / 127.5 - 1.0
+  mean, basis = pixel_vae.fit_linear(frames, config.vae.patch, config.vae.latent_channels)
+  vae_config = pixel_vae.PixelVAEConfig(patch=config.vae.patch, mean=tuple(mean.tolist()),
+                                        basis=tuple(map(tuple, basis.tolist())))
+  latents, _ = pixel_vae.PixelVAE(vae_config).encode(frames[None, :1 + 4 * ((len(frames) - 1)
+                                                                           // 4)])
+  std = float(np.std(np.asarray(latents)))
+  save_pixel_vae(vae_dir, dataclasses.replace(vae_config, scaling_factor=1.0 / max(std, 1e-3)))
   return vae_dir
 
 
@@ -116,7 +129,7 @@ def _read_losses(workdir: str) -> list[float]:
 
 
 def _summarise_losses(losses: list[float]) -> dict[str, float]:
-  k = max(1, len(losses) // 10)
+  k = min(max(5, len(losses) // 10), max(1, len(losses) // 2))
   return {"steps": len(losses), "first_loss": float(np.mean(losses[:k])),
           "last_loss": float(np.mean(losses[-k:]))}
 

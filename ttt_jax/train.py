@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import signal
+import zlib
 from typing import Any, Iterable
 
 import jax
@@ -217,11 +218,13 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, null_text: 
     return diffusion.v_prediction_loss(schedule, v_pred.astype(jnp.float32), x0, noise, t,
                                        weighting=weighting)
 
+  # Per stage: stages that resume one another must not replay the same noise and timesteps.
+  stage_key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(config.stage.encode()))
   lr_fast = schedule_fn(train, train.mixer_lr)
   lr_slow = schedule_fn(train, train.lr)
 
   def step_fn(trainable, frozen, opt_state, batch, step):
-    rng = jax.random.fold_in(jax.random.key(config.seed), step)
+    rng = jax.random.fold_in(stage_key, step)
     loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch, rng)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = setup.tx.update(grads, opt_state, trainable)
