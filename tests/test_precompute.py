@@ -356,3 +356,28 @@ def test_loader_imports_no_tensorflow(dataset):
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.stdout.strip() == "[]"
+
+
+def test_cli_writes_the_same_dataset(assets, dataset, tmp_path):
+  """`python -m ttt_jax.data.precompute` with config overrides = the library call."""
+  import subprocess
+  import sys
+  config, source, root = assets
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "cli"
+  subprocess.run(
+      [sys.executable, "-m", "ttt_jax.data.precompute", "--config=configs/tomjerry_3s.py:runlocal",
+       f"--config.segments={SEGMENTS}", f"--config.latent_frames={config.latent_frames}",
+       "--config.text.max_length=24", "--config.model.max_text_seq_length=24",
+       f"--config.text.checkpoint={config.text.checkpoint}",
+       f"--config.text.tokenizer={config.text.tokenizer}",
+       f"--config.vae.checkpoint={config.vae.checkpoint}", f"--source={source}", f"--out={out}"],
+      cwd=repo, env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}, check=True,
+      capture_output=True)
+  a = tfds.builder_from_directory(str(out)).as_data_source()["train"]
+  b = tfds.builder_from_directory(dataset[0]).as_data_source()["train"]
+  assert len(a) == len(b) == NUM_EXAMPLES
+  for i in range(len(a)):
+    for key in ("latent_mean", "latent_logvar", "text_embeds"):
+      np.testing.assert_allclose(a[i][key], b[i][key], atol=1e-5)
+    assert a[i]["id"] == b[i]["id"]
