@@ -18,6 +18,20 @@ def _flat_keys(tree: Any) -> set[str]:
           jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _metadata_tree(ckptr: ocp.StandardCheckpointer, directory: str) -> Any:
+  # Orbax versions differ in where the tree sits: metadata, .item_metadata, .item_metadata.tree.
+  stored = ckptr.metadata(directory)
+  stored = getattr(stored, "item_metadata", stored)
+  return getattr(stored, "tree", stored)
+
+
+def stored_shapes(directory: str | os.PathLike) -> Any:
+  """The stored pytree's structure without reading it: nested dicts of leaves with .shape and
+  .dtype."""
+  with ocp.StandardCheckpointer() as ckptr:
+    return _metadata_tree(ckptr, os.path.abspath(os.fspath(directory)))
+
+
 def save_params(directory: str | os.PathLike, params: Any) -> None:
   """Writes a pytree of arrays to `directory` (must not exist yet), atomically."""
   directory = os.path.abspath(os.fspath(directory))
@@ -42,10 +56,7 @@ def load_params(directory: str | os.PathLike, target: Any | None = None) -> Any:
   with ocp.StandardCheckpointer() as ckptr:
     if target is None:
       return ckptr.restore(directory)
-    stored = ckptr.metadata(directory)
-    stored_tree = getattr(stored, "item_metadata", stored)
-    stored_tree = getattr(stored_tree, "tree", stored_tree)
-    have, want = _flat_keys(stored_tree), _flat_keys(target)
+    have, want = _flat_keys(_metadata_tree(ckptr, directory)), _flat_keys(target)
     if have != want:
       raise ValueError(
           f"checkpoint {directory} does not match the model:\n"

@@ -204,10 +204,8 @@ def _metric(score: dict) -> dict[str, float]:
 
 
 def _mesh(stage):
-  from ttt_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  m = stage.mesh
+  from ttt_jax import train  # pylint: disable=g-import-not-at-top
   devices = jax.devices()
   # The batch must split evenly over the data axes; small toy batches run on one device.
-  if stage.train.batch_size % len(devices):
-    devices = devices[:1]
-  return mesh_lib.make_mesh(m.data, m.fsdp, m.context, m.tensor, devices=devices)
+  return train.mesh_from_config(
+      stage, devices[:1] if stage.train.batch_size % len(devices) else devices)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import zlib
 from typing import Any, Iterable
@@ -43,8 +44,9 @@ from absl import logging
 from flax import nnx, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ttt_jax import diffusion
+from ttt_jax import checkpoint, diffusion
 from ttt_jax.models.dit import DiT, DiTConfig
+from ttt_jax.models.dit_convert import is_new_param, save_dit
 from ttt_jax.parallel import mesh as mesh_lib
 
 Path = tuple[str, ...]
@@ -52,8 +54,6 @@ GROUPS = ("mixer", "gates", "attention", "rest")
 # Leaves that get weight decay: the weight matrices. Biases, norm scales, gates, the TTT inner
 # biases / LN and the inner learning-rate bias do not (the paper: "not on biases and norms").
 _DECAYED = ("kernel", "W1", "W2", "lr_weight", "embedding", "pos_embedding")
-# Parameters a hand-off may initialise when its source lacks them (the paper's additions).
-_NEW_IN_BLOCK = ("mixer", "mixer_reverse", "alpha", "beta")
 
 
 # ---------------------------------------------------------------------------- parameter groups
@@ -68,11 +68,6 @@ def group_of(path: Path) -> str:
     if path[1] == "attn1":
       return "attention"
   return "rest"
-
-
-def is_new_param(path: Path) -> bool:
-  """Parameters the paper adds to CogVideoX: a hand-off initialises them when missing."""
-  return len(path) > 1 and path[0] == "blocks" and path[1] in _NEW_IN_BLOCK
 
 
 def _labels(flat: dict[Path, Any], train: ml_collections.ConfigDict) -> dict[Path, str]:
@@ -142,10 +137,6 @@ class Setup:
   tx: optax.GradientTransformation
   mesh: jax.sharding.Mesh
 
-  @property
-  def trainable(self) -> list[Path]:
-    return [p for p in self.abstract if self.labels[p] != "frozen"]
-
   def split(self, flat: dict[Path, Any]) -> tuple[dict, dict]:
     """Flat params -> (trainable nested dict, frozen nested dict)."""
     tr = {p: v for p, v in flat.items() if self.labels[p] != "frozen"}
@@ -166,14 +157,24 @@ def build_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> S
   return Setup(cfg, graphdef, rest, abstract, shardings, labels, tx, mesh)
 
 
+def mesh_from_config(config: ml_collections.ConfigDict,
+                     devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """config.mesh (data x fsdp x context x tensor; default: all devices on data) over devices."""
+  m = config.get("mesh", ml_collections.ConfigDict())
+  return mesh_lib.make_mesh(m.get("data", -1), m.get("fsdp", 1), m.get("context", 1),
+                            m.get("tensor", 1), devices=devices)
+
+
 def _rules(config):
   rules = config.get("mesh_rules")
   return tuple(tuple(r) for r in rules) if rules else mesh_lib.DEFAULT_RULES
 
 
-def init_params(setup: Setup, seed: int) -> dict[Path, jax.Array]:
-  """Fresh parameters, created sharded (no full copy on one device)."""
-  paths = list(setup.abstract)
+def init_params(setup: Setup, seed: int, paths: list[Path] | None = None
+                ) -> dict[Path, jax.Array]:
+  """Fresh parameters (all, or only `paths`: XLA drops the init of the others), created
+  sharded (no full copy on one device)."""
+  paths = list(setup.abstract) if paths is None else paths
 
   def init():
     model = DiT(setup.cfg, rngs=nnx.Rngs(seed))
@@ -276,11 +277,8 @@ def _stored_params_dir(source: str) -> str:
 def load_handoff(setup: Setup, source: str, seed: int) -> tuple[dict[Path, jax.Array], list[str]]:
   """Parameters from a previous stage; returns (flat params, names initialised fresh)."""
   directory = _stored_params_dir(source)
+  stored = traverse_util.flatten_dict(checkpoint.stored_shapes(directory))
   with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(directory)
-    tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
-    tree = tree if tree is not None else getattr(meta, "item_metadata", meta)
-    stored = traverse_util.flatten_dict(_plain(tree))
     missing = sorted("/".join(p) for p in setup.abstract
                      if p not in stored and not is_new_param(p))
     unexpected = sorted("/".join(p) for p in stored if p not in setup.abstract)
@@ -299,32 +297,16 @@ def load_handoff(setup: Setup, source: str, seed: int) -> tuple[dict[Path, jax.A
     restored = traverse_util.flatten_dict(ckptr.restore(directory, target))
   fresh = [p for p in setup.abstract if p not in restored]
   if fresh:
-    init = init_params(setup, seed)
-    restored.update({p: init[p] for p in fresh})
+    restored.update(init_params(setup, seed, fresh))
   return {p: restored[p] for p in setup.abstract}, ["/".join(p) for p in fresh]
-
-
-def _plain(tree):
-  """Orbax metadata tree -> nested dict of objects with .shape."""
-  if isinstance(tree, dict):
-    return {k: _plain(v) for k, v in tree.items()}
-  return tree
 
 
 def export_model(directory: str, cfg: DiTConfig, params: dict[Path, jax.Array]) -> None:
   """Writes `directory/params` + `config.json` (what `load_dit` reads), replacing a previous one."""
-  from ttt_jax import checkpoint  # pylint: disable=g-import-not-at-top
   tmp = directory + ".tmp"
-  if os.path.exists(tmp):
-    import shutil  # pylint: disable=g-import-not-at-top
-    shutil.rmtree(tmp)
-  os.makedirs(tmp)
-  checkpoint.save_params(os.path.join(tmp, "params"), traverse_util.unflatten_dict(params))
-  with open(os.path.join(tmp, "config.json"), "w") as f:
-    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
-  if os.path.exists(directory):
-    import shutil  # pylint: disable=g-import-not-at-top
-    shutil.rmtree(directory)
+  shutil.rmtree(tmp, ignore_errors=True)
+  save_dit(tmp, cfg, traverse_util.unflatten_dict(params))
+  shutil.rmtree(directory, ignore_errors=True)
   os.replace(tmp, directory)
 
 
@@ -378,9 +360,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, loader: Any = None
   os.makedirs(workdir, exist_ok=True)
   train_cfg = config.train
   if mesh is None:
-    m = config.get("mesh", ml_collections.ConfigDict())
-    mesh = mesh_lib.make_mesh(m.get("data", -1), m.get("fsdp", 1), m.get("context", 1),
-                              m.get("tensor", 1))
+    mesh = mesh_from_config(config)
   if loader is None:
     from ttt_jax.data.loader import LatentLoader  # pylint: disable=g-import-not-at-top
     if not config.data.latents:

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from ttt_jax import checkpoint
 from ttt_jax.models.dit import DiT, DiTConfig, MixerFactory, default_mixer_factory
@@ -90,28 +90,10 @@ def _our_leaf(path: Path, shape: tuple[int, ...]) -> Path:
   return path[:-1] + ("kernel" if len(shape) >= 2 else "scale",)
 
 
-def _flatten(tree: dict[str, Any], prefix: Path = ()) -> dict[Path, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat: dict[Path, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, v in flat.items():
-    node = tree
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return tree
-
-
-def _is_new(path: Path) -> bool:
-  return path[0] == "blocks" and path[1] in _NEW_IN_BLOCK
+def is_new_param(path: Path) -> bool:
+  """A parameter the paper adds to CogVideoX (mixers, gates): initialised fresh when a source
+  (diffusers weights, an earlier training stage) lacks it."""
+  return len(path) > 1 and path[0] == "blocks" and path[1] in _NEW_IN_BLOCK
 
 
 def convert_params(cfg: DiTConfig, state: dict[str, np.ndarray], *, seed: int = 0,
@@ -123,7 +105,7 @@ def convert_params(cfg: DiTConfig, state: dict[str, np.ndarray], *, seed: int = 
       dict does not provide, and shape mismatches.
   """
   abstract = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(seed), mixer_factory=mixer_factory))
-  want = _flatten(nnx.state(abstract, nnx.Param).to_pure_dict())
+  want = traverse_util.flatten_dict(nnx.state(abstract, nnx.Param).to_pure_dict())
   found: dict[Path, Any] = {}
   unknown, bad_shape = [], []
   for key, value in state.items():
@@ -150,23 +132,23 @@ def convert_params(cfg: DiTConfig, state: dict[str, np.ndarray], *, seed: int = 
       found[path] = np.stack(layers)
     if found[path].shape != want[path].shape:
       bad_shape.append(f"{'/'.join(path)}: {found[path].shape} vs {want[path].shape}")
-  missing = sorted("/".join(p) for p in want if p not in found and not _is_new(p))
+  missing = sorted("/".join(p) for p in want if p not in found and not is_new_param(p))
   if unknown or missing or bad_shape:
     raise ValueError("CogVideoX weights do not match the model config:\n"
                      f"  unknown keys: {sorted(unknown)}\n  missing parameters: {missing}\n"
                      f"  shape mismatches: {bad_shape}")
 
-  new_paths = [p for p in want if _is_new(p)]
+  new_paths = [p for p in want if is_new_param(p)]
 
   @jax.jit
   def init_new():
     # Only the new parameters are returned, so XLA drops the random init of the others.
     model = DiT(cfg, rngs=nnx.Rngs(seed), mixer_factory=mixer_factory)
-    flat = _flatten(nnx.state(model, nnx.Param).to_pure_dict())
+    flat = traverse_util.flatten_dict(nnx.state(model, nnx.Param).to_pure_dict())
     return [flat[p] for p in new_paths]
 
   found.update(zip(new_paths, map(np.asarray, init_new())))
-  return _unflatten({p: found[p] for p in want})
+  return traverse_util.unflatten_dict({p: found[p] for p in want})
 
 
 def convert_cogvideox(src: str, dst: str, *, seed: int = 0,
@@ -186,12 +168,16 @@ def convert_cogvideox(src: str, dst: str, *, seed: int = 0,
   """
   config, state = read_diffusers(src)
   cfg = DiTConfig.from_diffusers(config, **overrides)
-  params = convert_params(cfg, state, seed=seed, mixer_factory=mixer_factory)
+  save_dit(dst, cfg, convert_params(cfg, state, seed=seed, mixer_factory=mixer_factory))
+  return cfg
+
+
+def save_dit(dst: str, cfg: DiTConfig, params: dict[str, Any]) -> None:
+  """Writes `dst/params` (Orbax; must not exist) + `dst/config.json`: what `load_dit` reads."""
   os.makedirs(dst, exist_ok=True)
   checkpoint.save_params(os.path.join(dst, "params"), params)
   with open(os.path.join(dst, "config.json"), "w") as f:
     json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
-  return cfg
 
 
 def load_dit(directory: str, *, mixer_factory: MixerFactory = default_mixer_factory,
