@@ -6,12 +6,19 @@ import pytest
 from flax import nnx
 
 from ttt_jax.ttt import TTTLayer
+from ttt_jax.ttt.layer import normalize_target
 from ttt_reference import naive_ttt
 
 
 def _np_ln(x, w, b, eps):
   mu = x.mean(-1, keepdims=True)
   return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
+
+
+def _np_target_norm(t, w, b, eps):
+  """The reference's ln_reconstruction_target: torch's unbiased std, eps outside the root."""
+  mu = t.mean(-1, keepdims=True)
+  return (t - mu) / (t.std(-1, ddof=1, keepdims=True) + eps) * w + b
 
 
 def _np_rope(x, cos, sin):
@@ -32,7 +39,8 @@ def manual_layer(layer, x, rope):
   if rope is not None:
     q, k = _np_rope(q, *rope), _np_rope(k, *rope)
   lw, lb = p["ttt_norm_weight"], p["ttt_norm_bias"]
-  v = k + _np_ln(v - k, lw[None, None], lb[None, None], layer.inner_eps)
+  # Unbiased std (not the inner LayerNorm's biased variance), as the reference normalises.
+  v = k + _np_target_norm(v - k, lw[None, None], lb[None, None], layer.inner_eps)
   gate = 1 / (1 + np.exp(-(x @ p["lr_weight"] + p["lr_bias"])))
   eta = (layer.inner_lr_base * gate / d / mb).transpose(0, 2, 1)
   params = {key: p[f"inner_weights/{key}"] for key in ("W1", "b1", "W2", "b2")
@@ -67,6 +75,19 @@ def test_layer_matches_manual_composition(x64, inner):
   want = flip(manual_layer(layer, flip(x), tuple(map(flip, rope))))
   np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x), rope=rope, reverse=True)), want,
                              rtol=1e-9, atol=1e-9)
+
+
+def test_target_norm_is_the_references_not_the_inner_layer_norm(x64):
+  """(x - mu) / (std_unbiased + 1e-8): sqrt(64/63), 0.8% from LN at head_dim 64 (PAPER.md)."""
+  t = np.asarray(jax.random.normal(jax.random.key(0), (3, 5, 2, 64), jnp.float64))
+  w, b = np.ones((2, 64)), np.zeros((2, 64))
+  ours = np.asarray(normalize_target(jnp.asarray(t), w, b, 1e-8))
+  mu = t.mean(-1, keepdims=True)
+  by_hand = (t - mu) / (np.sqrt(((t - mu) ** 2).sum(-1, keepdims=True) / 63) + 1e-8)
+  np.testing.assert_allclose(ours, by_hand, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(ours.std(-1, ddof=1), 1.0, rtol=1e-6)
+  ln = _np_ln(t, w, b, 1e-8)
+  np.testing.assert_allclose(ln / ours, np.sqrt(64 / 63), rtol=1e-6)
 
 
 def test_grad_reaches_every_parameter_under_jit():

@@ -2,8 +2,10 @@
 
   XQ, XK, XV = x θQ, x θK, x θV            split into heads, [batch, seq, heads, head_dim]
   XQ, XK     = L2-normalised per head, then 3D RoPE on video tokens (through `rope`)
-  XV         = XK + LN_h(XV - XK)          if normalize_target (the public reference does this,
-                                           with the rotated XK and the inner LN's parameters)
+  XV         = XK + w_h ⊙ (T - mean(T)) / (std(T) + eps) + b_h,   T = XV - XK,
+                                           if normalize_target (the public reference does this,
+                                           with the rotated XK, the inner LN's w_h, b_h, the
+                                           unbiased std and eps 1e-8 outside the root)
   η_t        = inner_lr_base · sigmoid(x_t · w_h + b_h) / head_dim, per head
   Z          = ttt_scan(XQ, XK, XV, η / mini_batch_size; W0)
   out        = θO(LayerNorm(Z))            post-norm over the full width, eps 1e-6
@@ -39,6 +41,21 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def _at_least_f32(x: jax.Array) -> jax.Array:
   """Statistics in fp32 for bf16 input; float64 stays float64."""
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def normalize_target(target: jax.Array, weight: jax.Array, bias: jax.Array,
+                     eps: float) -> jax.Array:
+  """The reference's reconstruction-target norm: w ⊙ (x − μ) / (std + eps) + b over head_dim.
+
+  target: [..., heads, head_dim]; weight, bias: [heads, head_dim]. std is the unbiased
+  (n − 1) standard deviation, as torch.Tensor.std, and eps sits outside the square root: this is
+  not the inner model's LayerNorm (biased variance, rsqrt(var + eps)), which differs from it by
+  a factor sqrt(n / (n − 1)), 0.8% at head_dim 64. Computed in at least float32.
+  """
+  x = _at_least_f32(target)
+  centred = x - jnp.mean(x, axis=-1, keepdims=True)
+  std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=-1, keepdims=True) / (x.shape[-1] - 1))
+  return centred / (std + eps) * weight + bias
 
 
 def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -128,8 +145,7 @@ class TTTLayer(nnx.Module):
     ln_w, ln_b = self.ttt_norm_weight[...], self.ttt_norm_bias[...]
     if self.normalize_target:
       # As the public reference: normalise against the rotated XK.
-      target = inner_lib.layer_norm(_at_least_f32(xv - xk), ln_w, ln_b, self.inner_eps)
-      xv = (xk + target).astype(xv.dtype)
+      xv = (xk + normalize_target(xv - xk, ln_w, ln_b, self.inner_eps)).astype(xv.dtype)
     to_bhsd = lambda a: jnp.transpose(a, (0, 2, 1, 3))
     params = {k: v[...] for k, v in self.inner_weights.items()}
     params.update(ln_weight=ln_w, ln_bias=ln_b)
