@@ -42,14 +42,11 @@ class ProbeMixer(nnx.Module):
     self.heads = cfg.num_heads
     self.w = nnx.Param(jax.random.normal(rngs.params(), (cfg.width, cfg.width)) / cfg.width**.5)
 
-  def __call__(self, x, rope=None, reverse=False):
-    cos, sin = rope
-    if reverse:
-      x, cos, sin = x[:, ::-1], cos[::-1], sin[::-1]
+  def __call__(self, x, rope=None):
+    """The DiT reorders the reverse pass itself and calls every mixer forward."""
     h = x @ self.w[...]
-    h = apply_rope(h.reshape(*h.shape[:2], self.heads, -1), cos, sin).reshape(h.shape)
-    y = jnp.cumsum(h, axis=1) / jnp.arange(1, h.shape[1] + 1)[None, :, None]
-    return y[:, ::-1] if reverse else y
+    h = apply_rope(h.reshape(*h.shape[:2], self.heads, -1), *rope).reshape(h.shape)
+    return jnp.cumsum(h, axis=1) / jnp.arange(1, h.shape[1] + 1)[None, :, None]
 
 
 def probe_factory(cfg, rngs):
@@ -89,6 +86,54 @@ def test_layout_round_trips():
   np.testing.assert_array_equal(layout.video(layout.assemble(text, video)), video)
   with pytest.raises(ValueError, match="segments"):
     Layout(2, 2, 6, 4)
+
+
+def test_reverse_order_is_the_references():
+  """2 segments, 2 text tokens each, 5 frames (3 a segment, 1 shared), 2 tokens a frame.
+
+  canonical: text_1 = 0 1 | f0 = 2 3 | f1 = 4 5 | f2 = 6 7 | text_2 = 8 9 | f3 = 10 11 | f4 = 12 13
+  reverse:   text_2, then segment 2's frames f4 f3 f2 (it now holds the overlap frame), each
+             frame's tokens reversed; then text_1 and f1 f0. Texts stay before their video.
+  """
+  layout = Layout(2, 2, 5, 2)
+  by_hand = [8, 9, 13, 12, 11, 10, 7, 6, 0, 1, 5, 4, 3, 2]
+  np.testing.assert_array_equal(layout.reverse_order, by_hand)
+  x = jnp.arange(layout.seq_len, dtype=jnp.float32)[None, :, None]
+  np.testing.assert_array_equal(layout.reverse(x)[0, :, 0], by_hand)
+  np.testing.assert_array_equal(layout.unreverse(layout.reverse(x)), x)
+  # The reversed sequence has the forward one's shape: text rows at the same positions.
+  np.testing.assert_array_equal(layout.is_text_np[layout.reverse_order], layout.is_text_np)
+  # One segment: the text, then the whole video flipped.
+  np.testing.assert_array_equal(Layout(1, 2, 3, 2).reverse_order, [0, 1, 7, 6, 5, 4, 3, 2])
+
+
+@pytest.mark.parametrize("segments", [1, 3, 21])
+def test_reverse_order_at_paper_sizes_is_a_permutation_keeping_texts_first(segments):
+  layout = Layout(segments, 458, 1 + 12 * segments, 1350)
+  order = layout.reverse_order
+  assert sorted(order) == list(range(layout.seq_len))
+  np.testing.assert_array_equal(layout.is_text_np[order], layout.is_text_np)
+  text_of = layout.source[order][layout.is_text_np] // 458  # segment of each text token
+  np.testing.assert_array_equal(text_of, np.repeat(np.arange(segments)[::-1], 458))
+
+
+def test_mixer_rope_is_by_global_frame_index():
+  """Attention restarts RoPE per segment; the mixers see frame k of every segment apart."""
+  from ttt_jax.models.dit import _mixer_rope_tables, _rope_tables
+  from ttt_jax.models.rope import rope_3d
+  cfg = dataclasses.replace(SMALL, head_dim=16)
+  layout = Layout(3, 2, 7, 4)  # 3 frames a segment: 0 1 2 | 3 4 | 5 6
+  cos, sin = map(np.asarray, _mixer_rope_tables(cfg, layout, 16, (2, 2)))
+  want_cos, want_sin = rope_3d(16, 7, 2, 2, 2, 2)
+  video = ~layout.is_text_np
+  np.testing.assert_allclose(cos[video], want_cos, atol=1e-6)  # frames 0..6 in order
+  np.testing.assert_allclose(sin[video], want_sin, atol=1e-6)
+  np.testing.assert_array_equal(cos[~video], 1.0)
+  np.testing.assert_array_equal(sin[~video], 0.0)
+  attn_cos = np.asarray(_rope_tables(cfg, layout, 16, (2, 2), canonical=True)[0])
+  frame = lambda f: layout.video_index[f * 4:(f + 1) * 4]
+  np.testing.assert_allclose(attn_cos[frame(3)], attn_cos[frame(1)])  # attention restarts
+  assert np.abs(cos[frame(3)] - cos[frame(1)]).max() > 0.1         # the mixers do not
 
 
 def _analytic_params(c):

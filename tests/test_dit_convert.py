@@ -110,16 +110,13 @@ def test_mixer_with_zero_gates_reproduces_cogvideox(tmp_path, mixer):
   np.testing.assert_allclose(zeroed, ref, rtol=2e-4, atol=2e-4)
 
 
-def _torch_probe(x, w, heads, cos, sin, reverse):
+def _torch_probe(x, w, heads, cos, sin):
   """ProbeMixer in torch, RoPE by diffusers' apply_rotary_emb."""
   from diffusers.models.embeddings import apply_rotary_emb
-  if reverse:
-    x, cos, sin = x.flip(1), cos.flip(0), sin.flip(0)
   h = x @ w
   h = apply_rotary_emb(h.reshape(*h.shape[:2], heads, -1), (cos, sin),
                        sequence_dim=1).reshape(h.shape)
-  y = h.cumsum(1) / torch.arange(1, h.shape[1] + 1)[None, :, None]
-  return y.flip(1) if reverse else y
+  return h.cumsum(1) / torch.arange(1, h.shape[1] + 1)[None, :, None]
 
 
 def _torch_long_video(model, latents, text, t, mixer_w, alpha, beta):
@@ -127,7 +124,10 @@ def _torch_long_video(model, latents, text, t, mixer_w, alpha, beta):
 
   Frame f of segment s is token frame s*(n-1)+k; attention per segment; the overlap frame's
   two attention outputs averaged; the mixer sees [text_s, frames first owned by s] for s in
-  order, each frame with the RoPE of its first segment.
+  order, each frame with the RoPE of its global index f (not restarting per segment). The
+  reverse mixer pass, as the public reference orders it: [text_s, frames last owned by s, last
+  to first, each frame's tokens reversed] for s from last to first, read with the forward
+  pass's RoPE table position by position.
   """
   cfg = model.config
   batch, frames, chans, height, width = latents.shape
@@ -148,10 +148,14 @@ def _torch_long_video(model, latents, text, t, mixer_w, alpha, beta):
       order.append(("t", s))
       order += [("f", f) for f in range(frames) if owner(f)[0] == s]
     eye_c, zero_s = torch.ones(text.shape[2], hd), torch.zeros(text.shape[2], hd)
-    m_cos = torch.cat([eye_c if k == "t" else cos[owner(i)[1] * hw:(owner(i)[1] + 1) * hw]
-                       for k, i in order])
-    m_sin = torch.cat([zero_s if k == "t" else sin[owner(i)[1] * hw:(owner(i)[1] + 1) * hw]
-                       for k, i in order])
+    g_cos, g_sin = _diffusers_rope(model, frames, gh, gw)  # every frame, by global index
+    m_cos = torch.cat([eye_c if k == "t" else g_cos[i * hw:(i + 1) * hw] for k, i in order])
+    m_sin = torch.cat([zero_s if k == "t" else g_sin[i * hw:(i + 1) * hw] for k, i in order])
+    last_owner = lambda f: min(f // (n - 1), segments - 1)  # overlap frame -> later segment
+    reverse = []
+    for s in reversed(range(segments)):
+      reverse.append(("t", s))
+      reverse += [("f", f) for f in reversed(range(frames)) if last_owner(f) == s]
     for layer, block in enumerate(model.transformer_blocks):
       att_f = {f: [] for f in range(frames)}
       att_t, gates = [], None
@@ -170,8 +174,19 @@ def _torch_long_video(model, latents, text, t, mixer_w, alpha, beta):
       kind = [k for k, i in order for _ in range(xp[(k, i)].shape[1])]
       pick = lambda g: torch.stack([torch.tanh(g[1] if k == "t" else g[0]) for k in kind])
       w = torch.tensor(np.array(mixer_w[layer]))
-      seq = seq + pick(alpha[layer]) * _torch_probe(seq, w, heads, m_cos, m_sin, False)
-      seq = seq + pick(beta[layer]) * _torch_probe(seq, w, heads, m_cos, m_sin, True)
+      seq = seq + pick(alpha[layer]) * _torch_probe(seq, w, heads, m_cos, m_sin)
+      parts, pos = {}, 0
+      for k, i in order:
+        parts[(k, i)] = seq[:, pos:pos + xp[(k, i)].shape[1]]
+        pos += xp[(k, i)].shape[1]
+      rev = torch.cat([parts[o] if o[0] == "t" else parts[o].flip(1) for o in reverse], 1)
+      out = _torch_probe(rev, w, heads, m_cos, m_sin)
+      back, pos = {}, 0
+      for k, i in reverse:
+        size = xp[(k, i)].shape[1]
+        back[(k, i)] = out[:, pos:pos + size] if k == "t" else out[:, pos:pos + size].flip(1)
+        pos += size
+      seq = seq + pick(beta[layer]) * torch.cat([back[o] for o in order], 1)
       pos = 0
       for k, i in order:
         size = xp[(k, i)].shape[1]

@@ -11,7 +11,14 @@ layout"):
   [text_1, frames of segment 1, text_2, frames of segment 2 not already seen, ...].
   The overlap frame is stored once, in the earlier segment. This is the order the sequence mixers
   see, so everything a mixer computes per token (TTT's inner learning rate, its RoPE) is computed
-  from, and stays aligned with, that token.
+  from, and stays aligned with, that token. The public reference does not do this for η: it
+  computes η on its [all texts; all video] order and then interleaves the η tensor
+  [mini-batches, mini_batch_size (repeats), tokens] along the repeat axis instead of the token
+  axis, so a mini-batch steps with another mini-batch's learning rates (PAPER.md, "inner
+  learning rates misaligned after interleaving"). We differ on purpose.
+* Inside the mixers RoPE does not restart per segment: video tokens are rotated by their global
+  latent-frame index (0 ... 252 at 63 s) and their (row, column), as the reference rotates TTT's
+  Q and K, so frame k of segment 2 and frame k of segment 5 are told apart.
 * Local attention: every block gathers [text_i; its n frames] for each segment (the overlap frame
   is copied into both segments), runs attention per segment with RoPE restarting at frame 0, and
   merges back, averaging the two outputs of the overlap frame. Merging in every block (rather
@@ -19,6 +26,14 @@ layout"):
   frame once; tests/test_dit_convert.py checks this against a naive per-frame loop.
 * Sequence-modelling block: X' = attn(adaLN(X)); Z = X' + tanh(α)·M(X');
   Z' = Z + tanh(β)·M(reverse(Z)) reversed back; out = X + gate·Z'; then the MLP sub-block.
+  reverse() is the reference's, not a flip of the whole sequence: segments in reverse order, each
+  segment's text first and un-reversed, then its video tokens reversed (frames last to first,
+  and the tokens of a frame reversed too, as torch.flip of the video does):
+  [text_S, video_S reversed, text_{S-1}, video_{S-1} reversed, ...]. The overlap frame now falls
+  in the later segment, so the reversed sequence has the same shape as the forward one (text
+  rows, frame counts per segment) and the mixer reads it with the same RoPE table, by position
+  in the sequence, as the reference's reverse pass does. A whole-sequence flip would put each
+  text after its video, and the reverse pass could not condition video_i on text_i.
   α, β are per-channel, separate for text and video tokens, initialised to `mixer_gate_init`.
 """
 from __future__ import annotations
@@ -170,6 +185,14 @@ class Layout:
     counts = np.bincount(self.gather.reshape(-1), minlength=self.seq_len)
     self.inv_count = (1.0 / counts).astype(np.float32)
     self.video_index = np.argsort(self.source)[segments * text_len:]  # [frames * hw]
+    # The reverse pass's order (module docstring): canonical indices, [seq].
+    reverse = []
+    for s in reversed(range(segments)):
+      reverse.append(text_start[s] + np.arange(text_len))
+      top = s * (n - 1) + (n - 1 if s == segments - 1 else n - 2)  # the later segment's frame
+      reverse += [frame_start[f] + np.arange(hw)[::-1] for f in range(top, s * (n - 1) - 1, -1)]
+    self.reverse_order = np.concatenate(reverse)
+    self.reverse_inverse = np.argsort(self.reverse_order)
 
   @property
   def is_text(self) -> jnp.ndarray:
@@ -179,6 +202,14 @@ class Layout:
     """text [b, S, Lt, w], video [b, frames*hw, w] -> canonical [b, seq, w]."""
     flat = jnp.concatenate([text.reshape(text.shape[0], -1, text.shape[-1]), video], axis=1)
     return flat[:, self.source]
+
+  def reverse(self, x: jnp.ndarray) -> jnp.ndarray:
+    """canonical [b, seq, w] -> the reverse pass's order [b, seq, w]."""
+    return x[:, self.reverse_order]
+
+  def unreverse(self, x: jnp.ndarray) -> jnp.ndarray:
+    """The reverse pass's order [b, seq, w] -> canonical [b, seq, w]."""
+    return x[:, self.reverse_inverse]
 
   def video(self, x: jnp.ndarray) -> jnp.ndarray:
     """canonical [b, seq, w] -> video tokens [b, frames*hw, w] in (frame, h, w) order."""
@@ -210,7 +241,8 @@ class Layout:
 
 def _rope_tables(cfg: DiTConfig, layout: Layout, head_dim: int, grid: tuple[int, int],
                  canonical: bool) -> Rope:
-  """RoPE (cos, sin), identity on text: [segment_len, head_dim] or [seq, head_dim]."""
+  """Attention's RoPE (cos, sin), restarting per segment, identity on text:
+  [segment_len, head_dim], or [seq, head_dim] when `canonical`."""
   p = cfg.patch_size
   cos, sin = rope_3d(head_dim, layout.frames_per_segment, *grid, cfg.sample_height // p,
                      cfg.sample_width // p, slice_grid=cfg.patch_size_t is not None)
@@ -221,13 +253,27 @@ def _rope_tables(cfg: DiTConfig, layout: Layout, head_dim: int, grid: tuple[int,
   return jnp.asarray(tables[0]), jnp.asarray(tables[1])
 
 
+def _mixer_rope_tables(cfg: DiTConfig, layout: Layout, head_dim: int,
+                       grid: tuple[int, int]) -> Rope:
+  """The mixers' RoPE (cos, sin) [seq, head_dim]: video tokens by global latent-frame index,
+  identity on text. Also the reverse pass's table, by position (module docstring)."""
+  p = cfg.patch_size
+  cos, sin = rope_3d(head_dim, layout.frames, *grid, cfg.sample_height // p,
+                     cfg.sample_width // p, slice_grid=cfg.patch_size_t is not None)
+  text_rows = layout.segments * layout.text_len
+  video_row = np.maximum(layout.source - text_rows, 0)
+  tables = [np.where(layout.is_text_np[:, None], np.float32(identity), table[video_row])
+            for table, identity in ((cos, 1.0), (sin, 0.0))]
+  return jnp.asarray(tables[0]), jnp.asarray(tables[1])
+
+
 @dataclasses.dataclass(frozen=True)
 class _Context:
   """What every block needs besides its parameters."""
   layout: Layout
   is_text: jnp.ndarray            # [seq] bool
   attn_rope: Rope | None          # [segment_len or seq, head_dim]
-  mixer_rope: Rope                # [seq, mixer_head_dim]
+  mixer_rope: Rope                # [seq, mixer_head_dim], global frame index
   local_attention: bool
 
 
@@ -273,9 +319,10 @@ class DiTBlock(nnx.Module):
     h = self._attend(normed, ctx)
     if self.mixer is not None:
       tanh_gate = lambda g: select_by_type(ctx.is_text, jnp.tanh(g[1]), jnp.tanh(g[0]))
-      h = h + tanh_gate(self.alpha[...]) * self.mixer(h, rope=ctx.mixer_rope, reverse=False)
+      h = h + tanh_gate(self.alpha[...]) * self.mixer(h, rope=ctx.mixer_rope)
       reverse_mixer = self.mixer_reverse or self.mixer
-      h = h + tanh_gate(self.beta[...]) * reverse_mixer(h, rope=ctx.mixer_rope, reverse=True)
+      reversed_h = reverse_mixer(ctx.layout.reverse(h), rope=ctx.mixer_rope)
+      h = h + tanh_gate(self.beta[...]) * ctx.layout.unreverse(reversed_h)
     x = constrain(x + gate * h, ("batch", "length", "embed"))
     normed, gate = self.norm2(x, temb, ctx.is_text)
     return constrain(x + gate * self.ff(normed), ("batch", "length", "embed"))
@@ -376,7 +423,7 @@ class DiT(nnx.Module):
         layout=layout, is_text=layout.is_text, local_attention=cfg.local_attention,
         attn_rope=(_rope_tables(cfg, layout, cfg.head_dim, grid, rope_canonical)
                    if cfg.use_rotary_positional_embeddings else None),
-        mixer_rope=_rope_tables(cfg, layout, cfg.mixer_head_dim, grid, canonical=True))
+        mixer_rope=_mixer_rope_tables(cfg, layout, cfg.mixer_head_dim, grid))
     x = self._run_blocks(x, temb, ctx)
 
     h = self.norm_final(layout.video(x))
