@@ -107,7 +107,7 @@ def assets(tmp_path_factory):
   root = tmp_path_factory.mktemp("precompute_assets")
   config = tomjerry_3s.get_config("runlocal")
   config.segments, config.latent_frames = SEGMENTS, features.latent_frames(SEGMENTS)
-  # runlocal's 8 tokens would cut <end_scene> off (this tokenizer has only 40 pieces).
+  # Room for every TEXTS entry with both scene tokens (this tokenizer has only 40 pieces).
   config.text.max_length = config.model.max_text_seq_length = 24
   sentencepiece.SentencePieceTrainer.train(
       sentence_iterator=iter(CORPUS), model_prefix=str(root / "spiece"), vocab_size=40,
@@ -268,6 +268,24 @@ def test_precompute_refuses_non_finite_and_existing_out(assets, fake_dataset, tm
   with pytest.raises(FloatingPointError, match="toy0/0.*non-finite"):
     precompute(config, source, tmp_path / "out")
   assert os.listdir(tmp_path) == []
+
+
+def test_truncated_texts_are_counted_in_the_report(assets, dataset, tmp_path, monkeypatch):
+  config, source, _ = assets
+  assert dataset[1]["truncated_texts"] == 0 and dataset[1]["truncated_examples"] == []
+  short = config.copy_and_resolve_references()
+  short.text.max_length = short.model.max_text_seq_length = 14
+  tokenizer = StoryboardTokenizer(config.text.tokenizer, max_length=14)
+  src = tfds.builder_from_directory(source).as_data_source()["train"]
+  want = [f"toy{i}/0 segment {s}: {len(tokenizer.tokenize(p)) + 1} tokens"
+          for i in range(NUM_EXAMPLES)
+          for s, p in enumerate(segment_text(t.decode(), a, b) for t, a, b in zip(
+              src[i]["texts"], src[i]["scene_start"], src[i]["scene_end"]))
+          if len(tokenizer.tokenize(p)) > 13]
+  assert 0 < len(want) < NUM_EXAMPLES * SEGMENTS  # some cut, some not
+  monkeypatch.setattr(precompute_lib._Encoders, "video", fake_posterior)
+  info = precompute(short, source, tmp_path / "short")
+  assert info["truncated_texts"] == len(want) and info["truncated_examples"] == want
 
 
 def test_loader_is_a_pure_function_of_seed_and_step(dataset):

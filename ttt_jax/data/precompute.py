@@ -16,7 +16,8 @@ Frames are scaled to [-1, 1] and encoded in batches of config.vae.frame_batch_si
   dataset_info.json, features.json                 tfds metadata
   video_latents-<split>.array_record-NNNNN-of-MMMMM  the examples, in source order
   null_text_embeds.npy                             float32 [max_length, d_model]
-  precompute.json                                  config fields, shapes, source, example count
+  precompute.json                                  config fields, shapes, source, example count,
+                                                   truncated_texts: segments cut to max_length
 
 An example holds
   id             str
@@ -56,6 +57,7 @@ from ttt_jax.models.vae import Tiling
 from ttt_jax.models.vae_convert import load_converted_vae
 
 TEXT_DTYPES = {"float32": np.float32, "float16": np.float16}
+_LIST_AT_MOST = 20  # truncated segments named in precompute.json; the count is always whole
 
 
 def latent_features(latent_shape: tuple[int, ...], text_shape: tuple[int, ...],
@@ -213,9 +215,11 @@ class _Check:
 
 
 def _examples(source, encoders: _Encoders, check: _Check, segments: int,
-              text_dtype: np.dtype) -> Iterator[tuple[int, dict]]:
+              text_dtype: np.dtype, truncated: list[str]) -> Iterator[tuple[int, dict]]:
   """Encoded examples in source order, (index, example). Videos are encoded one at a time (only
-  latents are kept); texts of `text_rows // segments` examples share a T5 call."""
+  latents are kept); texts of `text_rows // segments` examples share a T5 call. Appends
+  "<id> segment <i>: <n> tokens" to `truncated` for each text cut to max_length."""
+  room = encoders.tokenizer.max_length - 1  # the last id is EOS
   group = max(1, encoders.text_rows // segments)
   pending = []
   for i in range(len(source)):
@@ -230,6 +234,11 @@ def _examples(source, encoders: _Encoders, check: _Check, segments: int,
     if len(pending) == group or i + 1 == len(source):
       prompts = [segment_text(t, bool(s), bool(e)) for _, ex in pending
                  for t, s, e in zip(ex["texts"], ex["scene_start"], ex["scene_end"])]
+      for row, prompt in enumerate(prompts):
+        n = len(encoders.tokenizer.tokenize(prompt))
+        if n > room:
+          truncated.append(f"{pending[row // segments][1]['id']} segment {row % segments}: "
+                           f"{n + 1} tokens")
       embeds = encoders.texts(prompts)
       embeds = embeds.reshape(len(pending), segments, *embeds.shape[1:]).astype(text_dtype)
       for (index, ex), text_embeds in zip(pending, embeds):
@@ -298,7 +307,9 @@ def precompute(config: ml_collections.ConfigDict, source_dir: str | os.PathLike,
   tmp = f"{out_dir}.incomplete-{uuid.uuid4().hex[:8]}"
   os.makedirs(tmp)
   try:
-    examples = _examples(source, encoders, check, config.segments, TEXT_DTYPES[text_dtype])
+    truncated = []
+    examples = _examples(source, encoders, check, config.segments, TEXT_DTYPES[text_dtype],
+                         truncated)
     builder = VideoLatents(
         features_dict=latent_features(latent_shape, text_shape, TEXT_DTYPES[text_dtype]),
         split=split, examples=examples,
@@ -313,6 +324,8 @@ def precompute(config: ml_collections.ConfigDict, source_dir: str | os.PathLike,
       os.rename(os.path.join(builder.data_dir, name), os.path.join(tmp, name))
     shutil.rmtree(os.path.join(tmp, "tfds"))
     np.save(os.path.join(tmp, NULL_TEXT_FILE), encoders.texts([""])[0])
+    # Truncation is silent in the tokenizer (as T5Tokenizer's); the report says how often.
+    info.update(truncated_texts=len(truncated), truncated_examples=truncated[:_LIST_AT_MOST])
     with open(os.path.join(tmp, INFO_FILE), "w") as f:
       json.dump(info, f, indent=2)
     if os.path.exists(out_dir):  # overwrite: the old one goes only once the new one is whole
