@@ -1,27 +1,40 @@
 """The five Tom-and-Jerry stages of ../shared/PAPER.md ("Staged context extension") as one table.
 
-Each stage file is `get_config(arg)` calling `stage_config(seconds, arg)`. `arg="runlocal"`
-shrinks the model, frames and batch so the same config runs on a CPU, but keeps the structure:
-segment count, latent frame count, stage order, trainable groups and optimizer.
+Each stage file is `get_config(arg)` calling `stage_config(seconds, arg)`. The argument
+(configs/arguments.py) takes `runlocal` and `mixer=<name>`:
+
+  configs/tomjerry_3s.py                      the paper's TTT-MLP stage
+  configs/tomjerry_3s.py:runlocal             the same on a CPU: smaller model, frames and
+                                              batch, same structure (segment and latent frame
+                                              counts, stage order, trainable groups, optimizer)
+  configs/tomjerry_3s.py:runlocal,mixer=swa   a baseline of configs/mixers.py, same stage
+
+Every number is the public reference's (ttt-video-dit, configs/train/ttt-mlp and
+configs/eval/ttt-mlp) unless a comment says why not; README "Recipe" lists them beside the
+paper's.
 """
 import ml_collections
 
-# seconds -> (steps, previous stage). 30 s: the paper trains 500-1000 steps; we take 500.
-STAGES = {3: (5000, None), 9: (5000, 3), 18: (1000, 9), 30: (500, 18), 63: (250, 30)}
+from configs.arguments import parse_arguments
+from configs.mixers import mixer_options
 
-
-def _is_runlocal(arg) -> bool:
-  if arg in (None, ""):
-    return False
-  if arg in ("runlocal", "runlocal=True", "runlocal=true", "runlocal=1"):
-    return True
-  raise ValueError(f"unknown config argument {arg!r}; the only one is 'runlocal'")
+# seconds -> (steps, previous stage): the reference's TTT-MLP runs. The paper says 500-1000
+# steps at 30 s; the reference trains 1000.
+STAGES = {3: (5000, None), 9: (5000, 3), 18: (1000, 9), 30: (1000, 18), 63: (250, 30)}
+# seconds -> warm-up steps (linear from 0), the reference's.
+WARMUP_STEPS = {3: 100, 9: 100, 18: 50, 30: 50, 63: 25}
+# T5 tokens per segment (the reference's txt_maxlen): chosen so that segments x text + latent
+# frames x 1350 is a multiple of 64, TTT-MLP's mini-batch, so no mini-batch is padded.
+TEXT_LENGTH = {3: 498, 9: 502, 18: 471, 30: 497, 63: 458}
+# runlocal (6 tokens a latent frame, mini-batch 16): the same property at CPU size, >= 8 tokens.
+RUNLOCAL_TEXT_LENGTH = {3: 18, 9: 22, 18: 15, 30: 9, 63: 10}
 
 
 def stage_config(seconds: int, arg=None) -> ml_collections.ConfigDict:
   if seconds not in STAGES:
     raise ValueError(f"no stage of {seconds} s; stages: {sorted(STAGES)}")
-  runlocal = _is_runlocal(arg)
+  args = parse_arguments(arg, runlocal=False, mixer="ttt_mlp")
+  runlocal = args["runlocal"]
   steps, previous = STAGES[seconds]
   c = ml_collections.ConfigDict()
   c.stage = f"{seconds}s"
@@ -32,22 +45,23 @@ def stage_config(seconds: int, arg=None) -> ml_collections.ConfigDict:
   c.fps = 16
   c.height, c.width = 480, 720         # pixels; latent 60 x 90, 1350 tokens per latent frame
 
-  # The DiT: CogVideoX-5B plus a TTT-MLP mixer (fields of ttt_jax.models.dit.DiTConfig).
+  text_length = (RUNLOCAL_TEXT_LENGTH if runlocal else TEXT_LENGTH)[seconds]
+
+  # The DiT: CogVideoX-5B plus a sequence mixer (fields of ttt_jax.models.dit.DiTConfig).
   c.model = ml_collections.ConfigDict(dict(
       num_heads=48, head_dim=64, num_layers=42, in_channels=16, out_channels=16,
       text_embed_dim=4096, time_embed_dim=512, sample_height=60, sample_width=90,
-      max_text_seq_length=226,
-      mixer="ttt_mlp",                 # none | swa | mamba2 | gated_deltanet | ttt_linear | ttt_mlp
+      max_text_seq_length=text_length,
+      mixer=args["mixer"],             # configs/mixers.py: none | swa | mamba2 | ... | ttt_mlp
       mixer_gate_init=0.1,             # tanh(alpha), tanh(beta) gates start near 0.1
-      mixer_options=ml_collections.ConfigDict(dict(
-          mini_batch_size=64, inner_lr_base=0.1, checkpoint_group_size=16, impl="dual")),
+      mixer_options=mixer_options(args["mixer"], runlocal),
       remat=True,
       dtype="bfloat16",                # compute; parameters stay float32
   ))
   c.text = ml_collections.ConfigDict(dict(
       checkpoint="",                   # converted T5 (python -m ttt_jax.convert t5 ...)
       tokenizer="",                    # sentencepiece model file (spiece.model)
-      max_length=226,
+      max_length=text_length,          # CogVideoX was pre-trained at 226; see TEXT_LENGTH
   ))
   c.vae = ml_collections.ConfigDict(dict(
       checkpoint="",                   # converted VAE (python -m ttt_jax.convert vae ...)
@@ -57,8 +71,12 @@ def stage_config(seconds: int, arg=None) -> ml_collections.ConfigDict:
   c.diffusion = ml_collections.ConfigDict(dict(
       num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
       rescale_zero_terminal_snr=True, snr_shift_scale=1.0))
+  # The reference samples with SAT's VPSDEDPMPP2MSampler (= our "dpmpp_2m", SDE DPM-Solver++
+  # 2M) and DynamicCFG(scale 6, exp 5): dynamic_cfg is that ramp, exponent 5
+  # (ttt_jax/diffusion/samplers.dynamic_guidance_scales). "ddim" with a constant scale stays an
+  # option (sampling.sampler="ddim", sampling.dynamic_cfg=False).
   c.sampling = ml_collections.ConfigDict(dict(
-      sampler="ddim", num_steps=50, guidance_scale=6.0, dynamic_cfg=False))
+      sampler="dpmpp_2m", num_steps=50, guidance_scale=6.0, dynamic_cfg=True))
 
   c.data = ml_collections.ConfigDict(dict(
       latents="",                      # python -m ttt_jax.data.precompute output for this stage
@@ -72,13 +90,15 @@ def stage_config(seconds: int, arg=None) -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=steps,
       batch_size=64,                   # global
-      # Stage 1 trains everything (TTT + gates at 1e-4, the rest at 1e-5, cosine); later stages
+      # Stage 1 trains everything: mixers + gates on a cosine from 1e-4 to lr_end = 1e-5, the
+      # rest at 1e-5 (its cosine from 1e-5 to 1e-5 is constant), as the reference. Later stages
       # train the mixers, gates and attention q/k/v/o (+ q/k norms) at a constant 1e-5.
       trainable=("all",) if first else ("mixer", "gates", "attention"),
       lr=1e-5,
       mixer_lr=1e-4 if first else 1e-5,
+      lr_end=1e-5,                     # where "cosine" ends, for both groups
       schedule="cosine" if first else "constant",
-      warmup_steps=100 if first else 50,
+      warmup_steps=WARMUP_STEPS[seconds],
       adam_b1=0.9, adam_b2=0.95,
       weight_decay=1e-4,               # not on biases and norms
       grad_clip=0.1,
@@ -92,9 +112,7 @@ def stage_config(seconds: int, arg=None) -> ml_collections.ConfigDict:
     c.height, c.width = 32, 48         # latent 4 x 6: 2 x 3 tokens per latent frame
     c.model.update(dict(num_heads=2, head_dim=16, num_layers=2, in_channels=4, out_channels=4,
                         text_embed_dim=32, time_embed_dim=16, sample_height=4, sample_width=6,
-                        max_text_seq_length=8, dtype="float32"))
-    c.model.mixer_options.update(dict(mini_batch_size=16, checkpoint_group_size=4))
-    c.text.max_length = 8
+                        dtype="float32"))
     c.vae.tiling = False
     c.sampling.num_steps = 4
     c.train.update(dict(steps=4, batch_size=2, warmup_steps=1, checkpoint_every=2, log_every=1))

@@ -17,6 +17,8 @@ pretrained CogVideoX; at 150 steps of stage 1 these reach a loss of 0.85 where 3
 """
 import ml_collections
 
+from configs.arguments import parse_arguments
+from configs.mixers import use_mixer
 from configs.tomjerry_common import STAGES, stage_config
 
 # seconds -> (steps, global batch) of the main job. Early stages see many short clips, late
@@ -36,7 +38,7 @@ def _toy_stage(seconds: int, runlocal: bool) -> ml_collections.ConfigDict:
   c.model.mixer_options.update(dict(mini_batch_size=24, checkpoint_group_size=4))
   c.text.max_length = 32
   c.vae.update(dict(tiling=False, frame_batch_size=4))
-  c.sampling.update(dict(num_steps=25, guidance_scale=3.0))
+  c.sampling.update(dict(sampler="ddim", dynamic_cfg=False, num_steps=25, guidance_scale=3.0))
   steps, batch = TOY_STAGES[seconds]
   first = STAGES[seconds][1] is None
   c.train.update(dict(
@@ -51,9 +53,9 @@ def _toy_stage(seconds: int, runlocal: bool) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  if arg not in (None, "", "runlocal"):
-    raise ValueError(f"unknown config argument {arg!r}; the only one is 'runlocal'")
-  runlocal = arg == "runlocal"
+  """`arg` (configs/arguments.py): `runlocal`, `mixer=<name>` (configs/mixers.py)."""
+  args = parse_arguments(arg, runlocal=False, mixer="ttt_mlp")
+  runlocal = args["runlocal"]
   c = ml_collections.ConfigDict()
   c.pipeline = "toy"
   c.seed = 0
@@ -72,4 +74,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.text = ml_collections.ConfigDict(dict(d_model=64, d_kv=16, d_ff=128, num_layers=2,
                                           num_heads=4, max_length=32))
   c.stages = ml_collections.ConfigDict({f"s{s}": _toy_stage(s, runlocal) for s in STAGES})
+  for stage in c.stages.values():
+    use_mixer(stage.model, args["mixer"], runlocal=True)  # the toy's sizes are runlocal's
   return c

@@ -1,9 +1,18 @@
-"""Every stage config loads; its :runlocal variant keeps the structure of the real one."""
+"""Every stage config loads; its :runlocal variant keeps the structure of the real one; the
+recipe numbers are README "Recipe"'s; the config argument parser."""
 import importlib
+import math
+import os
+import re
 
+import numpy as np
 import pytest
 
+from configs.arguments import parse_arguments
+from ttt_jax import train
+from ttt_jax.mixers import MIXERS
 from ttt_jax.models.dit import DiTConfig
+from ttt_jax.models.vae import VAEConfig
 
 STAGES = [3, 9, 18, 30, 63]
 
@@ -19,30 +28,152 @@ def test_runlocal_keeps_structure(seconds):
   assert full.latent_frames == local.latent_frames == 1 + 12 * (seconds // 3)
   for key in ("stage", "previous_stage", "fps"):
     assert full[key] == local[key], key
-  for key in ("trainable", "schedule", "lr", "mixer_lr", "adam_b1", "adam_b2", "weight_decay",
-              "grad_clip", "text_dropout"):
+  for key in ("trainable", "schedule", "lr", "mixer_lr", "lr_end", "adam_b1", "adam_b2",
+              "weight_decay", "grad_clip", "text_dropout"):
     assert full.train[key] == local.train[key], key
   assert full.model.mixer == local.model.mixer
+  assert full.sampling.sampler == local.sampling.sampler
+  assert full.sampling.dynamic_cfg == local.sampling.dynamic_cfg
+  for cfg in (full, local):  # the whole sequence splits into whole TTT mini-batches
+    assert cfg.text.max_length == cfg.model.max_text_seq_length
+    assert _seq_len(cfg) % cfg.model.mixer_options.mini_batch_size == 0, cfg.runlocal
   assert local.model.num_layers < full.model.num_layers and local.train.steps < full.train.steps
   for cfg in (full, local):
     DiTConfig.from_dict(cfg.model.to_dict())  # every model field is a DiTConfig field
 
 
-def test_paper_numbers():
-  assert [_load(s).latent_frames for s in STAGES] == [13, 37, 73, 121, 253]
-  assert [_load(s).train.steps for s in STAGES] == [5000, 5000, 1000, 500, 250]
-  first, later = _load(3), _load(63)
-  assert first.train.trainable == ("all",) and first.train.mixer_lr == 1e-4
-  assert later.train.trainable == ("mixer", "gates", "attention") and later.train.lr == 1e-5
-  assert later.previous_stage == "30s" and first.previous_stage == ""
+def _seq_len(cfg):
+  tokens_per_frame = (cfg.model.sample_height // 2) * (cfg.model.sample_width // 2)
+  return cfg.segments * cfg.text.max_length + cfg.latent_frames * tokens_per_frame
+
+
+# README "Recipe", column "ours": one entry per row, the value each config must hold.
+RECIPE = {
+    "Steps per stage": [5000, 5000, 1000, 1000, 250],
+    "Warm-up steps": [100, 100, 50, 50, 25],
+    "T5 tokens per segment": [498, 502, 471, 497, 458],
+    "Stage 1 learning rate, mixers and gates": ("cosine", 1e-4, 1e-5),
+    "Stage 1 learning rate, the rest": ("constant", 1e-5),
+    "Stages 2-5 learning rate": ("constant", 1e-5),
+    "Trainable after stage 1": ("mixer", "gates", "attention"),
+    "Optimizer": (0.9, 0.95, 1e-4, 0.1, 64),
+    "Text dropout": 0.1,
+    "Sampler": ("dpmpp_2m", 50),
+    "Classifier-free guidance": (6.0, 5),
+    "TTT-MLP mini-batch, inner base lr": (64, 0.1),
+    "TTT-Linear mini-batch, inner base lr": (16, 1.0),
+    "Gate init": 0.1,
+    "Latent scale": 0.7,
+    "Sliding window": 8192,
+}
+
+
+def _schedule(cfg, peak):
+  fn = train.schedule_fn(cfg.train, peak)
+  warmup, steps = cfg.train.warmup_steps, cfg.train.steps
+  return [float(fn(s)) for s in (0, warmup, warmup + (steps - warmup) // 2, steps)]
+
+
+def test_recipe_numbers():
+  stages = [_load(s) for s in STAGES]
+  assert [c.train.steps for c in stages] == RECIPE["Steps per stage"]
+  assert [c.train.warmup_steps for c in stages] == RECIPE["Warm-up steps"]
+  assert [c.text.max_length for c in stages] == RECIPE["T5 tokens per segment"]
+  first = stages[0]
+  _, peak, end = RECIPE["Stage 1 learning rate, mixers and gates"]
+  fast = _schedule(first, first.train.mixer_lr)
+  np.testing.assert_allclose(fast, [0.0, peak, (peak + end) / 2, end], rtol=1e-5, atol=0)
+  _, rest = RECIPE["Stage 1 learning rate, the rest"]
+  np.testing.assert_allclose(_schedule(first, first.train.lr), [0.0, rest, rest, rest],
+                             rtol=1e-6, atol=0)
+  assert first.train.trainable == ("all",)
+  _, later_lr = RECIPE["Stages 2-5 learning rate"]
+  for c in stages[1:]:
+    assert c.train.trainable == RECIPE["Trainable after stage 1"]
+    for peak in (c.train.lr, c.train.mixer_lr):
+      np.testing.assert_allclose(_schedule(c, peak), [0.0, later_lr, later_lr, later_lr],
+                                 rtol=1e-6, atol=0)
+  for c in stages:
+    t = c.train
+    assert (t.adam_b1, t.adam_b2, t.weight_decay, t.grad_clip, t.batch_size) == RECIPE["Optimizer"]
+    assert t.text_dropout == RECIPE["Text dropout"]
+    assert (c.sampling.sampler, c.sampling.num_steps) == RECIPE["Sampler"]
+    assert c.sampling.dynamic_cfg and c.model.mixer_gate_init == RECIPE["Gate init"]
+    assert c.model.mixer == "ttt_mlp"
   model = DiTConfig.from_dict(first.model.to_dict())
   assert (model.num_layers, model.width, model.num_heads) == (42, 3072, 48)
-  assert first.train.batch_size == 64 and first.train.grad_clip == 0.1
+  assert [_load(s).latent_frames for s in STAGES] == [13, 37, 73, 121, 253]
+  assert _load(63).previous_stage == "30s" and first.previous_stage == ""
+  for name, key in (("ttt_mlp", "TTT-MLP"), ("ttt_linear", "TTT-Linear")):
+    options = _load(3, f"mixer={name}").model.mixer_options
+    assert (options.mini_batch_size, options.inner_lr_base) == RECIPE[
+        f"{key} mini-batch, inner base lr"]
+  assert _load(3, "mixer=swa").model.mixer_options.window == RECIPE["Sliding window"]
+  assert VAEConfig().scaling_factor == RECIPE["Latent scale"]  # what convert vae writes for 5B
+
+
+def test_dynamic_cfg_is_the_references_scale_6_exponent_5():
+  """SAT's DynamicCFG: 1 + s (1 - cos(pi (step_index / N) ** exp)) / 2 with the reference's
+  step_index = N - timestep (ttt-video-dit, VPSDEDPMPP2MSampler.denoise)."""
+  from ttt_jax import diffusion  # pylint: disable=g-import-not-at-top
+  cfg = _load(63)
+  scale, exponent = RECIPE["Classifier-free guidance"]
+  assert cfg.sampling.guidance_scale == scale
+  schedule = diffusion.make_schedule(**cfg.diffusion)
+  timesteps = diffusion.ddim_timesteps(schedule, cfg.sampling.num_steps)
+  n = cfg.sampling.num_steps
+  want = [1 + scale * (1 - math.cos(math.pi * ((n - int(t)) / n) ** exponent)) / 2
+          for t in timesteps]
+  np.testing.assert_allclose(diffusion.dynamic_guidance_scales(scale, timesteps), want,
+                             rtol=1e-6)
+
+
+def test_readme_recipe_table_lists_the_tested_numbers():
+  """Each RECIPE row is in README's Recipe table, its "ours" cell holding the tested values."""
+  readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+  section = readme[readme.index("## Recipe"):].split("\n## ")[0]
+  rows = {cells[0]: cells[1] for cells in
+          ([c.strip() for c in line.strip().strip("|").split("|")]
+           for line in section.splitlines() if line.startswith("|"))}
+  numbers = lambda text: [float(x) for x in re.findall(r"\d+(?:\.\d+)?(?:e-?\d+)?", text)]
+  for label, value in RECIPE.items():
+    assert label in rows, label
+    flat = value if isinstance(value, (list, tuple)) else [value]
+    want = [float(v) for v in flat if not isinstance(v, str)]
+    assert all(w in numbers(rows[label]) for w in want), (label, rows[label], want)
 
 
 def test_bad_argument_is_an_error():
   with pytest.raises(ValueError, match="runlocal"):
     _load(3, "run_local")
+  with pytest.raises(ValueError, match="unknown mixer 'mamba'.*gated_deltanet"):
+    _load(3, "mixer=mamba")
+  with pytest.raises(ValueError, match="runlocal=maybe.*bool"):
+    _load(3, "runlocal=maybe")
+
+
+def test_argument_parser():
+  defaults = dict(runlocal=False, mixer="ttt_mlp", steps=3)
+  assert parse_arguments(None, **defaults) == defaults
+  assert parse_arguments("", **defaults) == defaults
+  assert parse_arguments("runlocal, mixer=swa", **defaults) == dict(
+      runlocal=True, mixer="swa", steps=3)
+  assert parse_arguments("runlocal=False,steps=7", **defaults)["steps"] == 7
+  assert parse_arguments("runlocal=True", **defaults)["runlocal"] is True
+  with pytest.raises(ValueError, match="needs a value"):
+    parse_arguments("mixer", **defaults)
+  with pytest.raises(ValueError, match="steps='x'.*int"):
+    parse_arguments("steps=x", **defaults)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_every_mixer_from_one_config_string(mixer):
+  for arg in (f"mixer={mixer}", f"runlocal,mixer={mixer}"):
+    c = _load(9, arg)
+    assert c.model.mixer == mixer
+    DiTConfig.from_dict(c.model.to_dict())
+  toy = importlib.import_module("configs.toy").get_config(f"runlocal,mixer={mixer}")
+  assert {toy.stages[f"s{s}"].model.mixer for s in STAGES} == {mixer}
 
 
 @pytest.mark.parametrize("arg", [None, "runlocal"])

@@ -90,10 +90,13 @@ def _labels(flat: dict[Path, Any], train: ml_collections.ConfigDict) -> dict[Pat
 
 
 def schedule_fn(train: ml_collections.ConfigDict, peak: float) -> optax.Schedule:
-  """Linear warm-up, then cosine decay to 0 or constant."""
+  """Linear warm-up from 0, then a cosine from `peak` to `train.lr_end` (0 if unset; never above
+  the peak, so a group whose peak is lr_end stays constant, as the reference's), or constant."""
   warmup = int(train.warmup_steps)
   if train.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(int(train.steps), warmup + 1))
+    end = min(float(train.get("lr_end", 0.0)), peak)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(int(train.steps), warmup + 1),
+                                              end_value=end)
   if train.schedule == "constant":
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
                                  optax.constant_schedule(peak)], [warmup])
@@ -152,6 +155,10 @@ def build_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> S
   abstract = traverse_util.flatten_dict(params.to_pure_dict())
   shardings = traverse_util.flatten_dict(shard_state.to_pure_dict())
   labels = _labels(abstract, config.train)
+  # Printed so that a baseline's size can be compared with TTT-MLP's (configs/mixers.py).
+  mixer_params = sum(int(np.prod(a.shape)) for p, a in abstract.items() if group_of(p) == "mixer")
+  logging.info("mixer %s: %d parameters, %d a layer", cfg.mixer, mixer_params,
+               mixer_params // cfg.num_layers)
   trainable = [p for p in abstract if labels[p] != "frozen"]
   tx = make_optimizer(config.train, trainable, labels)
   return Setup(cfg, graphdef, rest, abstract, shardings, labels, tx, mesh)

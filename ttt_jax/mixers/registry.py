@@ -43,7 +43,9 @@ def build_mixer(name: str, width: int, num_heads: int, *, rngs: nnx.Rngs,
     num_heads: heads.
     rngs: parameter initialisation.
     **options: passed to the mixer's constructor. `param_budget=n` (mamba2 and gated_deltanet)
-      first sets the mixer's size knob so its parameter count is as close to n as possible.
+      first sets the mixer's size knob so its parameter count is as close to n as possible;
+      `param_budget="ttt_mlp"` (any mixer name) takes n from that mixer at this width and heads
+      with its default options, so a config can say "as large as the TTT-MLP layer".
 
   Raises:
     ValueError: unknown name (the message lists MIXERS).
@@ -56,6 +58,9 @@ def build_mixer(name: str, width: int, num_heads: int, *, rngs: nnx.Rngs,
       raise TypeError(f"mixer 'none' takes no options, got {sorted(options)}")
     return None
   budget = options.pop("param_budget", None)
+  if isinstance(budget, str):
+    budget = count_params(nnx.eval_shape(
+        lambda: build_mixer(budget, width, num_heads, rngs=nnx.Rngs(0))))
   if budget is not None:
     options.update(matched_options(name, width, num_heads, budget, **options))
   return _constructor(name)(width, num_heads, rngs=rngs, **options)

@@ -4,6 +4,12 @@ Non-causal and symmetric: token i attends to token j iff |i - j| <= window // 2,
 sees window // 2 tokens on either side plus itself. Computed blockwise: the sequence is cut into
 blocks of window // 2 tokens and each query block attends only to itself and its neighbouring
 key blocks, so memory is O(seq * window), never O(seq^2).
+
+Positions: q and k are rotated by the `rope` the DiT passes to every mixer (3D RoPE by global
+latent-frame index, identity on text), after the QK-LayerNorm as in CogVideoX's attention. RoPE
+makes a logit depend on the offset between two tokens, so inside the window the layer knows how
+many frames (and rows, columns) apart they are; without it a window over several frames would
+see a bag of tokens.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt_jax.mixers.common import SequenceMixer, dense, pad_to_multiple, partitioned
+from ttt_jax.ttt.layer import apply_rope
 
 
 def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -91,11 +98,27 @@ class SlidingWindowAttention(SequenceMixer):
         bias_init=partitioned(nnx.initializers.zeros_init(), ("head_dim",)),
         rngs=rngs) for _ in range(2))
 
-  def mix(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None,
+               reverse: bool = False) -> jax.Array:
+    """x: `[batch, seq, width]`; rope: (cos, sin) `[seq, head_dim]` or None (no positions).
+
+    `reverse` runs right to left; each token keeps its own rotation (rope is flipped with x).
+    """
+    if rope is not None and rope[0].shape != (x.shape[1], self.head_dim):
+      raise ValueError(f"rope cos/sin must be [seq, head_dim] = {(x.shape[1], self.head_dim)}, "
+                       f"got {rope[0].shape}")
+    if reverse:
+      flipped = None if rope is None else tuple(jnp.flip(r, axis=0) for r in rope)
+      return jnp.flip(self.mix(jnp.flip(x, axis=1), flipped), axis=1)
+    return self.mix(x, rope)
+
+  def mix(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """x: `[batch, seq, width]` -> `[batch, seq, width]` (dtype of x)."""
     heads = (*x.shape[:2], self.num_heads, self.head_dim)
     q = self.q_norm(self.q_proj(x).reshape(heads))
     k = self.k_norm(self.k_proj(x).reshape(heads))
+    if rope is not None:
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     v = self.v_proj(x).reshape(heads)
     out = sliding_window_attention(q, k, v, self.window)
     return self.o_proj(out.reshape(x.shape[:2] + (-1,))).astype(x.dtype)
