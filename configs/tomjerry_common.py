@@ -63,6 +63,9 @@ def stage_config(seconds: int, arg=None) -> ml_collections.ConfigDict:
       tokenizer="",                    # sentencepiece model file (spiece.model)
       max_length=text_length,          # CogVideoX was pre-trained at 226; see TEXT_LENGTH
   ))
+  # Latent scale: the converted VAE's scaling_factor, 0.7 for CogVideoX-5B (what it was
+  # pre-trained on), applied by the loader and undone by sampling. The reference uses 1.0; we
+  # keep 0.7 on purpose (README "Recipe").
   c.vae = ml_collections.ConfigDict(dict(
       checkpoint="",                   # converted VAE (python -m ttt_jax.convert vae ...)
       frame_batch_size=2,              # latent frames per decode batch: bounded memory at 63 s
