@@ -4,7 +4,8 @@ Per head h with state H_t `[head_dim, state]`:
   H_t = exp(dt_t A_h) H_{t-1} + dt_t x_t B_t^T,   y_t = H_t C_t + D_h x_t,
 with scalar-times-identity A_h < 0, dt_t = softplus(raw_t + dt_bias_h) from the input, and B, C
 shared by the heads of a group. The mixer is causal; the bidirectional DiT block gets the other
-direction by calling it with reverse=True.
+direction by running it over its reverse-ordered sequence (models/dit.py); reverse=True runs it
+right to left over a plain sequence.
 """
 from __future__ import annotations
 

@@ -35,7 +35,9 @@ def build_mixer(name: str, width: int, num_heads: int, *, rngs: nnx.Rngs,
   """Builds the sequence mixer `name` (one of MIXERS).
 
   Every mixer maps `[batch, seq, width] -> [batch, seq, width]` and is called as
-  `mixer(x, *, rope=None, reverse=False)`.
+  `mixer(x, *, rope=None, reverse=False)`. The DiT passes `rope` (cos, sin `[seq, head_dim]`)
+  and reorders its reverse pass itself (models/dit.py), so it calls every mixer forward;
+  `reverse=True` is for a plain sequence read right to left.
 
   Args:
     name: one of MIXERS; "none" gives None (the block skips the mixer).
