@@ -15,5 +15,12 @@ for stage in 3s 9s 18s 30s 63s; do
   config="configs/tomjerry_${stage}.py${arg:+:$arg}"
   python -m ttt_jax.train --config="$config" --workdir="$root/$stage" \
       --config.data.latents="$latents/$stage" --config.init_from="$previous" "$@"
+  # A stage stopped by SIGTERM (preemption) exits 0 with a checkpoint but no model/: the next
+  # stage must not start from it. Stop; rerunning this script resumes the stage.
+  if ! python -c 'import sys; from etils import epath; sys.exit(not epath.Path(sys.argv[1]).is_dir())' \
+      "$root/$stage/model"; then
+    echo "stage $stage stopped before its last step; rerun $0 to resume it" >&2
+    exit 0
+  fi
   previous="$root/$stage"
 done

@@ -1,10 +1,11 @@
-"""Training: optimizer groups, exact resume after a hard kill, NaN stop, stage hand-off, sharding,
-and every stage's local config trained in sequence with hand-off."""
+"""Training: optimizer groups, exact resume after a hard kill and after SIGTERM, resume past a
+damaged checkpoint, NaN stop, nothing left by a run that fails at its first step, stage hand-off,
+sharding, and every stage's local config trained in sequence with hand-off."""
 import json
 import os
+import re
 import subprocess
 import sys
-import textwrap
 
 import jax
 import numpy as np
@@ -114,31 +115,109 @@ def test_frozen_groups_do_not_move_and_trained_ones_do(tmp_path):
     assert moved == (setup.labels[p] != "frozen"), p
 
 
-def test_resume_after_hard_kill_gives_the_same_loss_curve(tmp_path):
+# A 6-step local 3 s run in its own process, through the CLI's error handling (cli.guard).
+_RUN_SCRIPT = f"""
+import sys
+sys.path.insert(0, {REPO!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
+from configs import tomjerry_3s
+from test_train import FakeLoader, small
+from ttt_jax import cli, train
+c = small(tomjerry_3s, steps=6, checkpoint_every=2, keep_checkpoints=2)
+with cli.guard(verbose=False):
+  train.train(c, sys.argv[1], loader=FakeLoader(c))
+assert "tensorflow" not in sys.modules  # clu writers, Orbax, optax: no TensorFlow
+"""
+
+
+def _run(tmp_path, workdir, **env):
   script = tmp_path / "run.py"
-  script.write_text(textwrap.dedent(f"""
-      import sys
-      sys.path.insert(0, {REPO!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
-      from configs import tomjerry_3s
-      from test_train import FakeLoader, small
-      from ttt_jax import train
-      c = small(tomjerry_3s, steps=6, checkpoint_every=2, keep_checkpoints=2)
-      train.train(c, sys.argv[1], loader=FakeLoader(c))
-      assert "tensorflow" not in sys.modules  # clu writers, Orbax, optax: no TensorFlow
-      """))
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  subprocess.run([sys.executable, str(script), str(tmp_path / "straight")], env=env, check=True)
-  killed = subprocess.run([sys.executable, str(script), str(tmp_path / "resumed")],
-                          env={**env, "TTT_JAX_FAULT_KILL_AT_STEP": "5"})
+  script.write_text(_RUN_SCRIPT)
+  return subprocess.run([sys.executable, str(script), str(workdir)], capture_output=True,
+                        text=True, env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
+                                        **env})
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """The uninterrupted run the interrupted ones must reproduce."""
+  tmp = tmp_path_factory.mktemp("straight")
+  result = _run(tmp, tmp / "run")
+  assert result.returncode == 0, result.stderr
+  return tmp / "run"
+
+
+def _assert_same_run(resumed, straight):
+  assert _losses(resumed) == _losses(straight)
+  a = checkpoint.load_params(straight / "model" / "params")
+  b = checkpoint.load_params(resumed / "model" / "params")
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_resume_after_hard_kill_gives_the_same_loss_curve(straight, tmp_path):
+  killed = _run(tmp_path, tmp_path / "resumed", TTT_JAX_FAULT_KILL_AT_STEP="5")
   assert killed.returncode == -9  # SIGKILL after step 5, its checkpoint at 4
   assert [s for s, _ in _losses(tmp_path / "resumed")] == [1, 2, 3, 4, 5]
-  subprocess.run([sys.executable, str(script), str(tmp_path / "resumed")], env=env, check=True)
-  assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
+  assert _run(tmp_path, tmp_path / "resumed").returncode == 0
+  _assert_same_run(tmp_path / "resumed", straight)
   assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["4", "6"]  # keep-2
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "resumed"))
-  a = checkpoint.load_params(tmp_path / "straight" / "model" / "params")
-  b = checkpoint.load_params(tmp_path / "resumed" / "model" / "params")
-  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_sigterm_saves_the_step_reached_and_resumes_exactly(straight, tmp_path):
+  """Preemption: SIGTERM after step 5 (no periodic checkpoint there) -> checkpoint 5, metric
+  writers flushed, exit 0 with one line saying how to resume; the resumed run = the straight."""
+  workdir = tmp_path / "resumed"
+  stopped = _run(tmp_path, workdir, TTT_JAX_FAULT_KILL_AT_STEP="5",
+                 TTT_JAX_FAULT_SIGNAL="SIGTERM")
+  assert stopped.returncode == 0, stopped.stderr
+  last = stopped.stderr.strip().splitlines()[-1]
+  assert last == (f"python {tmp_path / 'run.py'}: stopped by SIGTERM at step 5; checkpoint saved "
+                  f"in {workdir / 'checkpoints' / '5'}; resume with: python "
+                  f"{tmp_path / 'run.py'} {workdir}")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "5"]  # keep-2, no Orbax tmp dir
+  assert [s for s, _ in _losses(workdir)] == [1, 2, 3, 4, 5]
+  events = [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]
+  assert len(events) == 1 and os.path.getsize(workdir / events[0]) > 0
+  assert _run(tmp_path, workdir).returncode == 0
+  _assert_same_run(workdir, straight)
+
+
+def _constant_lr(steps):
+  """A local 3 s config whose learning rate does not depend on the total steps, so a 4-step run
+  resumed to 6 steps must equal a 6-step run."""
+  c = small(tomjerry_3s, steps=steps, checkpoint_every=2, keep_checkpoints=3)
+  c.train.schedule = "constant"
+  return c
+
+
+def test_resume_moves_a_damaged_checkpoint_aside_and_uses_the_one_before(tmp_path):
+  c6 = _constant_lr(6)
+  train.train(c6, str(tmp_path / "straight"), loader=FakeLoader(c6), mesh=_one_device())
+  run = tmp_path / "run"
+  train.train(_constant_lr(4), str(run), loader=FakeLoader(c6), mesh=_one_device())
+  manifest = run / "checkpoints" / "4" / "params" / "manifest.ocdbt"
+  os.truncate(manifest, os.path.getsize(manifest) // 2)
+  interrupted = run / "checkpoints" / "6.orbax-checkpoint-tmp"  # a save cut short
+  interrupted.mkdir()
+  (interrupted / "junk").write_text("half a checkpoint")
+
+  out = train.train(c6, str(run), loader=FakeLoader(c6), mesh=_one_device())
+  assert len(out["skipped_checkpoints"]) == 1
+  assert re.match(r"checkpoint step 4 does not restore \(ValueError: .+\); moved to "
+                  + re.escape(str(run / "checkpoints_broken" / "4")) + "$",
+                  out["skipped_checkpoints"][0])
+  assert (run / "checkpoints_broken" / "4" / "params").is_dir()  # kept, not deleted
+  assert sorted(os.listdir(run / "checkpoints")) == ["2", "4", "6"]  # the tmp dir is gone
+  assert _losses(run) == _losses(tmp_path / "straight")
+
+  # A checkpoint of another model is an error, not a damaged step: nothing is moved.
+  other = _constant_lr(6)
+  other.model.num_layers = 3
+  with pytest.raises(ValueError, match=r"step 6 .* written for another model .*params: shape "
+                                       r"mismatches \['blocks/alpha: \(2, 2, 32\) stored"):
+    train.train(other, str(run), loader=FakeLoader(other), mesh=_one_device())
+  assert sorted(os.listdir(run / "checkpoints")) == ["2", "4", "6"]
+  assert os.listdir(run / "checkpoints_broken") == ["4"]
 
 
 def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
@@ -220,8 +299,15 @@ def test_all_five_local_stages_train_in_sequence_with_handoff(tmp_path):
   assert load_dit(os.path.join(previous, "model")).config.mixer == "ttt_mlp"
 
 
-def test_dataset_config_mismatch_is_an_error(tmp_path):
+def test_dataset_config_mismatch_is_an_error_and_leaves_nothing(tmp_path):
   c = small(tomjerry_9s)
   other = small(tomjerry_3s)
   with pytest.raises(ValueError, match="latent frames for 3 segments"):
-    train.train(c, str(tmp_path), loader=FakeLoader(other), mesh=_one_device())
+    train.train(c, str(tmp_path / "run"), loader=FakeLoader(other), mesh=_one_device())
+  assert not (tmp_path / "run").exists()  # no checkpoints/, config.json, events file
+  # In an existing folder: only what the run made goes.
+  (tmp_path / "mine.txt").write_text("kept")
+  c = small(tomjerry_3s)
+  with pytest.raises(FloatingPointError, match="step 1: non-finite"):
+    train.train(c, str(tmp_path), loader=FakeLoader(c, nan_at=0), mesh=_one_device())
+  assert os.listdir(tmp_path) == ["mine.txt"]

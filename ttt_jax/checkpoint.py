@@ -1,16 +1,23 @@
-"""Parameter checkpoints (Orbax): atomic save, restore with a clear missing/unexpected report.
+"""Parameter checkpoints (Orbax): atomic save, restore with a clear missing/unexpected report,
+and a training resume that falls back past a broken step.
 
 Orbax writes into a temporary directory and renames it on success, so a crash mid-save never
-leaves a half-written checkpoint behind under the final name.
+leaves a half-written checkpoint behind under the final name (the temporary directory is removed
+when the CheckpointManager is next opened with cleanup_tmp_directories). A finished checkpoint can
+still be damaged later (a disk fault, a truncated copy): `restore_newest` then uses the newest
+step that restores and moves the broken ones aside.
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 
 
 def _flat_keys(tree: Any) -> set[str]:
@@ -23,6 +30,15 @@ def _metadata_tree(ckptr: ocp.StandardCheckpointer, directory: str) -> Any:
   stored = ckptr.metadata(directory)
   stored = getattr(stored, "item_metadata", stored)
   return getattr(stored, "tree", stored)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  """A checkpoint's JSON file (config.json); ValueError naming the file when it is not JSON."""
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except ValueError as e:
+      raise ValueError(f"{os.fspath(path)}: not valid JSON ({e})") from e
 
 
 def stored_shapes(directory: str | os.PathLike) -> Any:
@@ -66,3 +82,102 @@ def load_params(directory: str | os.PathLike, target: Any | None = None) -> Any:
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
         else jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
     return ckptr.restore(directory, abstract)
+
+
+# ---------------------------------------------------------------------------- resume
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "idx", "name"):  # DictKey / FlattenedIndexKey, SequenceKey, GetAttrKey
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """'a/b/0/c' -> shape for every array leaf (Orbax metadata, arrays or ShapeDtypeStructs)."""
+  return {"/".join(_key_name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if hasattr(leaf, "shape")}
+
+
+def _listed(items: list[str], limit: int = 8) -> str:
+  return str(items[:limit])[:-1] + (f", ... {len(items) - limit} more]" if len(items) > limit
+                                    else "]")
+
+
+def tree_mismatch(stored: Any, expected: Any) -> list[str]:
+  """What differs between a stored tree (Orbax metadata) and the expected one: missing and
+  unexpected leaves, shape mismatches; [] when they agree."""
+  have, want = _shapes(stored), _shapes(expected)
+  missing = sorted(set(want) - set(have))
+  unexpected = sorted(set(have) - set(want))
+  shapes = sorted(f"{k}: {have[k]} stored, {want[k]} expected" for k in set(have) & set(want)
+                  if have[k] != want[k])
+  return ([f"missing {_listed(missing)}"] if missing else []) + (
+      [f"unexpected {_listed(unexpected)}"] if unexpected else []) + (
+      [f"shape mismatches {_listed(shapes)}"] if shapes else [])
+
+
+def _move_aside(step_dir: str, aside_dir: str) -> str:
+  os.makedirs(aside_dir, exist_ok=True)
+  name, n = os.path.basename(step_dir), 1
+  target = os.path.join(aside_dir, name)
+  while os.path.exists(target):  # broken twice at the same step: keep both
+    target, n = os.path.join(aside_dir, f"{name}.{n}"), n + 1
+  os.rename(step_dir, target)
+  return target
+
+
+class _Mismatch(Exception):
+  """A step that reads but does not fit the config (not a damaged one)."""
+
+
+def restore_newest(mngr: ocp.CheckpointManager, args: ocp.args.Composite,
+                   expected: Mapping[str, Any], aside_dir: str
+                   ) -> tuple[int | None, Any, list[str]]:
+  """Restores the newest step of `mngr` that restores; steps that do not are moved to
+  `aside_dir` (kept, not deleted) and reported.
+
+  Args:
+    mngr: the training run's CheckpointManager.
+    args: what to restore (a Composite of the items).
+    expected: item name -> the tree the run expects (arrays or ShapeDtypeStructs); checked
+      against each step's stored metadata before reading.
+    aside_dir: where broken steps go.
+
+  Returns:
+    (step, restored items, one line per step skipped); (None, None, skipped) when no step
+    restores or there is none.
+
+  Raises:
+    ValueError: a step whose metadata reads but whose trees differ from `expected` (a changed
+      model or trainable groups): the run must not fall back past it, nor move it.
+  """
+  skipped = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    step_dir = os.path.join(os.fspath(mngr.directory), str(step))
+    try:
+      for name, tree in expected.items():
+        # Read directly: the manager knows its items' handlers only after a save or restore.
+        stored = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / name)
+        stored = getattr(stored, "tree", stored)
+        if not _shapes(stored):
+          raise ValueError(f"{name}: its metadata lists no arrays")
+        problems = tree_mismatch(stored, tree)
+        if problems:
+          raise _Mismatch(
+              f"checkpoint step {step} in {mngr.directory} was written for another model or "
+              f"other trainable groups than this config ({name}: {'; '.join(problems)}); "
+              "resume with the config the run started with (config.json in the workdir) or "
+              "train into a new --workdir")
+      return step, mngr.restore(step, args=args), skipped
+    except _Mismatch as e:
+      raise ValueError(str(e)) from None
+    except (ValueError, OSError) as e:  # TensorStore, JSON and file errors: a damaged step
+      reason = " ".join(str(e).split())[:300]
+      moved = _move_aside(step_dir, aside_dir)
+      skipped.append(f"checkpoint step {step} does not restore ({type(e).__name__}: {reason}); "
+                     f"moved to {moved}")
+      logging.warning("%s", skipped[-1])
+      mngr.reload()
+  return None, None, skipped

@@ -23,16 +23,28 @@ source lacks are initialised fresh; any other missing parameter, an unexpected o
 mismatch stops with the full list. The optimizer starts fresh.
 
 A NaN or inf loss or gradient stops the run with the step number; the last good checkpoint stays.
+
+Faults: the resume uses the newest checkpoint that restores; a damaged one is moved to
+`DIR/checkpoints_broken/` with a warning naming the step and the reason, and Orbax's temporary
+directories of an interrupted save are removed. A checkpoint written for another model is an
+error (the run does not fall back past it). SIGTERM (TPU preemption and maintenance; on multi-host
+JAX's preemption sync point) saves a checkpoint at the step reached, flushes the metric writers
+and raises `cli.Preempted`: the command exits 0 with one line saying how to resume. A run that
+fails before its first step finishes leaves nothing behind in DIR (no checkpoints/, config.json,
+metrics or events file).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import json
 import os
 import shutil
 import signal
+import threading
 import zlib
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +56,7 @@ from absl import logging
 from flax import nnx, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ttt_jax import checkpoint, diffusion
+from ttt_jax import checkpoint, cli, diffusion
 from ttt_jax.models.dit import DiT, DiTConfig
 from ttt_jax.models.dit_convert import is_new_param, save_dit
 from ttt_jax.parallel import mesh as mesh_lib
@@ -319,7 +331,7 @@ def export_model(directory: str, cfg: DiTConfig, params: dict[Path, jax.Array]) 
 
 # ---------------------------------------------------------------------------- the loop
 
-def _check_batch_shapes(config, batch):
+def _check_batch_shapes(config, batch, patch_size: int):
   c = config
   f = 1 + 12 * c.segments
   lat, text = batch["latents"], batch["text"]
@@ -327,6 +339,9 @@ def _check_batch_shapes(config, batch):
     raise ValueError(f"dataset latents {lat.shape[1:]} (frames, channels, h, w) do not match the "
                      f"config: {f} latent frames for {c.segments} segments, "
                      f"{c.model.in_channels} channels")
+  if lat.shape[3] % patch_size or lat.shape[4] % patch_size:
+    raise ValueError(f"dataset latents are {lat.shape[3]}x{lat.shape[4]} (h, w): each must be a "
+                     f"multiple of the DiT's patch_size {patch_size}")
   if text.shape[1] != c.segments or text.shape[3] != c.model.text_embed_dim:
     raise ValueError(f"dataset text embeddings {text.shape[1:]} (segments, length, dim) do not "
                      f"match the config: {c.segments} segments, text_embed_dim "
@@ -339,17 +354,57 @@ def _write_jsonl(path: str, record: dict) -> None:
 
 
 def _truncate_jsonl(path: str, last_step: int) -> None:
-  """After a resume, drop log lines of steps the restored checkpoint had not reached."""
+  """After a resume, drop log lines of steps the restored checkpoint had not reached (and a last
+  line a hard kill cut short)."""
   if not os.path.exists(path):
     return
+
+  def keep(line):
+    try:
+      return json.loads(line)["step"] <= last_step
+    except (ValueError, KeyError, TypeError):
+      return False
+
   with open(path) as f:
-    lines = [l for l in f if l.strip() and json.loads(l)["step"] <= last_step]
+    lines = [l for l in f if l.strip() and keep(l)]
   with open(path, "w") as f:
     f.writelines(lines)
 
 
+@contextlib.contextmanager
+def _sigterm_received():
+  """Yields a list that gets the signal number when SIGTERM arrives (the loop checks it after
+  each step). Not installed on multi-host runs, where JAX's preemption service owns SIGTERM and
+  `reached_preemption` tells every host the same step, nor off the main thread."""
+  received: list[int] = []
+  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+    yield received
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+  try:
+    yield received
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+# What a fresh run writes in its workdir: removed again if it fails before its first step ends.
+# (tensorboardX writes the hparams into a hparams/ folder of their own.)
+_RUN_FILES = ("checkpoints", "config.json", "metrics.jsonl", "events.out.tfevents.*", "hparams")
+
+
+def _remove_run_files(workdir: str, before: set[str] | None) -> None:
+  for pattern in _RUN_FILES:
+    for path in glob.glob(os.path.join(workdir, pattern)):
+      if before is None or os.path.basename(path) not in before:
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  if before is None and os.path.isdir(workdir) and not os.listdir(workdir):
+    os.rmdir(workdir)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, loader: Any = None,
-          mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+          mesh: jax.sharding.Mesh | None = None,
+          on_step: Callable[[int, int, dict[str, float]], None] | None = None
+          ) -> dict[str, Any]:
   """Runs (or resumes) one stage. Returns a summary dict (final step, last loss, paths).
 
   Args:
@@ -358,12 +413,33 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, loader: Any = None
     loader: anything with `batch(step) -> {"latents", "text"}`, `null_text` [L, D]; default: a
       `LatentLoader` over config.data.latents.
     mesh: default: config.mesh (all devices on the data axis).
+    on_step: called as on_step(step, total_steps, metrics) after each step (a progress bar).
 
   Raises:
     FloatingPointError: non-finite loss or gradient (names the step and the last good checkpoint).
-    ValueError: bad config, dataset/config mismatch, hand-off mismatch.
+    ValueError: bad config, dataset/config mismatch, hand-off mismatch, a checkpoint written for
+      another model.
+    cli.Preempted: SIGTERM (or a preemption sync point); the checkpoint of the step reached is
+      saved.
   """
   workdir = os.path.abspath(workdir)
+  before = set(os.listdir(workdir)) if os.path.isdir(workdir) else None
+  progress = {"resumed": False, "steps_done": 0}
+  try:
+    with _sigterm_received() as sigterm:
+      return _train(config, workdir, loader, mesh, sigterm, progress, on_step)
+  except cli.Preempted:
+    raise
+  except BaseException:
+    if jax.process_index() == 0 and not progress["resumed"] and progress["steps_done"] == 0:
+      _remove_run_files(workdir, before)
+    raise
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, loader: Any,
+           mesh: jax.sharding.Mesh | None, sigterm: list[int],
+           progress: dict[str, Any], on_step=None) -> dict[str, Any]:
+  """`train`'s body; records in `progress` whether it resumed and how many steps it finished."""
   os.makedirs(workdir, exist_ok=True)
   train_cfg = config.train
   if mesh is None:
@@ -393,20 +469,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, loader: Any = None
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   mngr = _checkpoint_manager(workdir, train_cfg)
   try:
-    start = mngr.latest_step()
+    params_abs = traverse_util.unflatten_dict(setup.abstract)
+    start, restored, skipped = checkpoint.restore_newest(
+        mngr, ocp.args.Composite(
+            params=ocp.args.StandardRestore(_with_shardings(
+                params_abs, traverse_util.unflatten_dict(setup.shardings))),
+            opt_state=ocp.args.StandardRestore(_with_shardings(opt_abs, opt_sh)),
+            meta=ocp.args.JsonRestore()),
+        expected={"params": params_abs, "opt_state": opt_abs},
+        aside_dir=os.path.join(workdir, "checkpoints_broken"))
     if start is not None:
-      restored = mngr.restore(start, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(_with_shardings(
-              traverse_util.unflatten_dict(setup.abstract),
-              traverse_util.unflatten_dict(setup.shardings))),
-          opt_state=ocp.args.StandardRestore(_with_shardings(opt_abs, opt_sh)),
-          meta=ocp.args.JsonRestore()))
+      progress["resumed"] = True
       params = traverse_util.flatten_dict(restored["params"])
       opt_state = restored["opt_state"]
       _truncate_jsonl(metrics_path, start)
       logging.info("resumed from step %d of %s", start, mngr.directory)
       fresh = []
     else:
+      if skipped:  # every checkpoint was damaged: start over rather than stop, and say so
+        logging.warning("no checkpoint of %s restores; starting from step 0", mngr.directory)
+        _truncate_jsonl(metrics_path, 0)
       start = 0
       if config.get("init_from"):
         params, fresh = load_handoff(setup, config.init_from, config.seed)
@@ -430,12 +512,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, loader: Any = None
     if train_cfg.get("profile_steps", 0) and jax.process_index() == 0:
       hooks.append(periodic_actions.Profile(logdir=workdir,
                                             num_profile_steps=int(train_cfg.profile_steps)))
+    # Fault injection for the resume tests: send this process a signal after a step.
     kill_at = int(os.environ.get("TTT_JAX_FAULT_KILL_AT_STEP", "0"))
+    kill_with = getattr(signal, os.environ.get("TTT_JAX_FAULT_SIGNAL", "SIGKILL"))
+    multi_host = jax.process_count() > 1
+
+    def save(done):
+      mngr.save(done, force=True, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(_merge(trainable, frozen)),
+          opt_state=ocp.args.StandardSave(opt_state),
+          meta=ocp.args.JsonSave({"step": done, "stage": config.stage,
+                                  "initialised_fresh": fresh})))
+
     last = {}
     for step in range(start, total):
       local = loader.batch(step)
       if step == start:
-        _check_batch_shapes(config, local)
+        _check_batch_shapes(config, local, setup.cfg.patch_size)
       batch = {k: jax.make_array_from_process_local_data(batch_sh[k], np.asarray(local[k]))
                for k in ("latents", "text")}
       trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch,
@@ -450,27 +543,35 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, loader: Any = None
             f"{metrics['grad_norm']}; stopped. Last good checkpoint: "
             f"{'none' if good is None else f'step {good}'} in {mngr.directory}")
       last = {"step": done, **metrics}
+      progress["steps_done"] += 1
       if jax.process_index() == 0:
         _write_jsonl(metrics_path, last)
       if done % int(train_cfg.log_every) == 0 or done == total:
         writer.write_scalars(done, metrics)
       for hook in hooks:
         hook(done)
-      if done % int(train_cfg.checkpoint_every) == 0 or done == total:
-        mngr.save(done, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(_merge(trainable, frozen)),
-            opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave({"step": done, "stage": config.stage,
-                                    "initialised_fresh": fresh})))
-      if kill_at and done == kill_at:  # fault injection for the resume test: a hard kill
-        os.kill(os.getpid(), signal.SIGKILL)
+      if on_step is not None:
+        on_step(done, total, metrics)
+      saved = done % int(train_cfg.checkpoint_every) == 0 or done == total
+      if saved:
+        save(done)
+      if kill_at and done == kill_at:
+        os.kill(os.getpid(), kill_with)
+      if done < total and (sigterm or (multi_host and mngr.reached_preemption(done))):
+        if not saved:
+          save(done)
+        mngr.wait_until_finished()
+        writer.flush()
+        raise cli.Preempted(done, os.path.join(mngr.directory, str(done)),
+                            "SIGTERM" if sigterm else "a preemption notice")
     mngr.wait_until_finished()
     final = traverse_util.flatten_dict(_merge(trainable, frozen))
     if jax.process_index() == 0:
       export_model(os.path.join(workdir, "model"), setup.cfg, final)
     writer.flush()
     return {"stage": config.stage, "step": total, "workdir": workdir,
-            "model": os.path.join(workdir, "model"), "last": last, "initialised_fresh": fresh}
+            "model": os.path.join(workdir, "model"), "last": last, "initialised_fresh": fresh,
+            "skipped_checkpoints": skipped}
   finally:
     mngr.close()
     writer.close()
@@ -491,17 +592,17 @@ def main(argv):
     jax.distributed.initialize()
   if config.get("pipeline"):  # configs/toy.py: the whole pipeline, not one stage
     from ttt_jax import pipeline  # pylint: disable=g-import-not-at-top
-    print(json.dumps(pipeline.run(config, workdir), indent=2))
+    pipeline.run(config, workdir)  # prints its own lines; the numbers are in summary.json
   else:
     print(json.dumps(train(config, workdir)))
 
 
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   config_flags.DEFINE_config_file("config", None, "configs/<stage>.py[:runlocal]")
   flags.DEFINE_string("workdir", None, "output directory (resumed if it has checkpoints)")
   flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run_absl(main)
