@@ -9,6 +9,10 @@ One JSON object per case on stdout: mixer, segments, latent frames, tokens, atte
 quadratic reference), parameters, compile seconds, forward and train-step milliseconds
 (median of --repeats). A train step is loss (MSE to a random target) + grad + optimizer update.
 Mixers whose module cannot be imported are reported as {"mixer": ..., "skipped": reason}.
+
+Each case runs in its own process. One that has not finished after --timeout_s seconds (compile
+included) is killed and reported as {"mixer": ..., "segments": ..., "timeout_s": ...}, so a hang
+(issue 18: jaxlib's CPU triangular solve deadlocking XLA's thread pool) costs a bounded time.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import argparse
 import dataclasses
 import json
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -95,6 +101,10 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
   parser.add_argument("--mixer_options", default="{}", help="JSON dict for build_mixer")
+  parser.add_argument("--timeout_s", type=float, default=1800,
+                      help="seconds a case may take, compile included, before it is killed")
+  parser.add_argument("--case", type=int, default=None,
+                      help="run only case number CASE, in this process (what each worker does)")
   args = parser.parse_args()
 
   base = DiTConfig(num_heads=args.heads, head_dim=args.head_dim, num_layers=args.layers,
@@ -105,15 +115,33 @@ def main() -> None:
            for m in args.mixers.split(",") for s in segment_counts]
   if args.full_attention:
     cases += [(dataclasses.replace(base, local_attention=False), s) for s in segment_counts]
-  unavailable = {}
-  for cfg, segments in cases:
-    if cfg.mixer in unavailable:
-      continue
+  if args.case is not None:
+    cfg, segments = cases[args.case]
     try:
       result = run_case(cfg, segments, args)
     except ImportError as e:
-      unavailable[cfg.mixer] = str(e)
       result = dict(mixer=cfg.mixer, skipped=f"not importable: {e}")
+    print(json.dumps(result), flush=True)
+    return
+  unavailable = set()
+  for i, (cfg, segments) in enumerate(cases):
+    if cfg.mixer in unavailable:
+      continue
+    try:
+      # stderr passes through, so compiler warnings and tracebacks still show.
+      worker = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--case", str(i)],
+                              stdout=subprocess.PIPE, text=True, timeout=args.timeout_s,
+                              check=False)
+    except subprocess.TimeoutExpired:  # subprocess.run has killed the worker.
+      result = dict(mixer=cfg.mixer, segments=segments, timeout_s=args.timeout_s)
+    else:
+      lines = worker.stdout.strip().splitlines()
+      if worker.returncode or not lines:
+        result = dict(mixer=cfg.mixer, segments=segments, exit_code=worker.returncode)
+      else:
+        result = json.loads(lines[-1])
+        if "skipped" in result:
+          unavailable.add(cfg.mixer)
     print(json.dumps(result), flush=True)
 
 

@@ -6,7 +6,9 @@ import pytest
 from flax import nnx
 
 from ttt_jax.mixers import MIXERS, build_mixer, count_params, matched_options
-from ttt_jax.mixers.gated_deltanet import gated_delta_rule_chunked, gated_delta_rule_recurrent
+from ttt_jax.mixers.common import causal_depthwise_conv
+from ttt_jax.mixers.gated_deltanet import (gated_delta_rule_chunked, gated_delta_rule_recurrent,
+                                           unit_lower_inverse)
 from ttt_jax.mixers.mamba2 import ssd_chunked, ssd_recurrent
 from ttt_jax.mixers.swa import sliding_window_attention
 
@@ -107,8 +109,8 @@ def test_ssd_chunked_matches_recurrent_matches_loop(seq):
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
-def _delta_inputs(seq):
-  batch, heads, key_dim, value_dim = 2, 3, 4, 6
+def _delta_inputs(seq, key_dim=4, value_dim=6):
+  batch, heads = 2, 3
   q = _normal(0, (batch, seq, heads, key_dim))
   k = _normal(1, (batch, seq, heads, key_dim))
   k /= np.linalg.norm(k, axis=-1, keepdims=True)
@@ -136,6 +138,56 @@ def test_gated_delta_rule_chunked_matches_recurrent_matches_loop(seq):
              + b_t * v[i, t, h][:, None] @ k_t.T)
         expected[i, t, h] = s @ q[i, t, h]
   np.testing.assert_allclose(o, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key_dim", [64, 128])
+def test_gated_delta_rule_chunked_at_real_head_sizes(key_dim):
+  """The paper's head sizes (value_dim = 2 key_dim as in fla), forward and backward; seq 40 over
+  chunks of 32 crosses a chunk boundary and pads the last chunk. These hung before issue 18."""
+  _assert_fast_matches_reference(
+      lambda *args: gated_delta_rule_chunked(*args, chunk_size=32), gated_delta_rule_recurrent,
+      _delta_inputs(40, key_dim, 2 * key_dim))
+
+
+def test_gated_deltanet_issues_no_lapack_call():
+  """jaxlib's CPU trsm kernel can deadlock XLA's thread pool (bench/repro_gdn_hang.py), so the
+  chunked form, forward and backward, must stay free of LAPACK custom calls."""
+  mixer = build_mixer("gated_deltanet", WIDTH, HEADS, rngs=nnx.Rngs(0), chunk_size=8)
+  graphdef, params = nnx.split(mixer)
+  grad = jax.grad(lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x, reverse=True) ** 2))
+  hlo = jax.jit(grad).lower(params, _normal(0, (2, 21, WIDTH))).as_text()
+  assert "lapack" not in hlo and "triangular_solve" not in hlo
+
+
+@pytest.mark.parametrize("n", [5, 16, 64])  # odd (row by row), one block, two doublings
+def test_unit_lower_inverse(n):
+  rng = np.random.default_rng(0)
+  # |A_ti| <= 1/4: the size of beta (gamma_t/gamma_i) k_t.k_i for unit keys of dimension >= 16.
+  a = np.tril(rng.uniform(-0.25, 0.25, (2, 3, n, n)), -1).astype(np.float32)
+  upper = np.triu(rng.standard_normal((n, n)), 0).astype(np.float32)  # must be ignored
+  t = jax.jit(unit_lower_inverse)(a + upper)
+  np.testing.assert_allclose(t @ (np.eye(n, dtype=np.float32) + a), np.broadcast_to(
+      np.eye(n), a.shape), atol=1e-4)
+  # The custom gradient against autodiff of a plain solve, on the strict lower part.
+  cotangent = _normal(1, a.shape)
+  solve = lambda a: jnp.linalg.inv(jnp.eye(n) + jnp.tril(a, -1))
+  expected = jax.vjp(solve, a + upper)[1](cotangent)[0]
+  np.testing.assert_allclose(jax.vjp(unit_lower_inverse, a + upper)[1](cotangent)[0], expected,
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_causal_depthwise_conv_gradient():
+  x, kernel = _normal(0, (2, 11, 6)), _normal(1, (4, 6))
+  def reference(x, kernel):  # the same convolution, differentiated by autodiff
+    padded = jnp.pad(x, ((0, 0), (3, 0), (0, 0)))
+    return jnp.einsum("bskc,kc->bsc", jnp.stack([padded[:, i:i + 11] for i in range(4)], 2),
+                      kernel)
+  dy = _normal(2, x.shape)
+  y, vjp = jax.vjp(causal_depthwise_conv, x, kernel)
+  y_ref, vjp_ref = jax.vjp(reference, x, kernel)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for got, want in zip(vjp(dy), vjp_ref(dy)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["swa", "mamba2", "gated_deltanet"])

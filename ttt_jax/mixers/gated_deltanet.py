@@ -44,6 +44,67 @@ def gated_delta_rule_recurrent(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.
   return jnp.moveaxis(o, 0, 1)
 
 
+# Diagonal blocks up to this size are inverted row by row; larger ones by block doubling.
+_SUBSTITUTION_BLOCK = 16
+
+
+def _forward_substitution(a: jax.Array) -> jax.Array:
+  """(I + A)^-1 row by row for strictly lower `a` `[..., n, n]` (n - 1 batched row updates)."""
+  n = a.shape[-1]
+  t = jnp.broadcast_to(jnp.eye(n, dtype=a.dtype), a.shape)
+  for i in range(1, n):
+    # T_i = e_i - sum_{j<i} A_ij T_j. A's row i is zero from column i on, so the product over
+    # all rows reads only the finished ones.
+    t = t.at[..., i, :].add(-jnp.einsum("...j,...jk->...k", a[..., i, :], t))
+  return t
+
+
+def _unit_lower_inverse(a: jax.Array) -> jax.Array:
+  """(I + A)^-1 for strictly lower `a` `[..., n, n]` by block doubling.
+
+  With A = [[A11, 0], [A21, A22]]: (I + A)^-1 = [[T11, 0], [-T22 A21 T11, T22]], where
+  T11, T22 are the inverses of the two diagonal blocks, found together (stacked on a new batch
+  axis) by the same rule, down to blocks of _SUBSTITUTION_BLOCK rows or an odd size.
+  """
+  n = a.shape[-1]
+  if n <= _SUBSTITUTION_BLOCK or n % 2:
+    return _forward_substitution(a)
+  h = n // 2
+  diagonal = _unit_lower_inverse(jnp.stack([a[..., :h, :h], a[..., h:, h:]], axis=-3))
+  t11, t22 = diagonal[..., 0, :, :], diagonal[..., 1, :, :]
+  t21 = -(t22 @ a[..., h:, :h]) @ t11
+  return jnp.concatenate([jnp.concatenate([t11, jnp.zeros_like(t11)], -1),
+                          jnp.concatenate([t21, t22], -1)], -2)
+
+
+@jax.custom_vjp
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+  """(I + A)^-1 for strictly lower `a` `[..., n, n]`; only A's strict lower part is read.
+
+  Written with matmuls instead of `lax.linalg.triangular_solve`: on CPU that lowers to jaxlib's
+  LAPACK trsm kernel, which can deadlock XLA's thread pool (bench/repro_gdn_hang.py).
+  """
+  return _unit_lower_inverse(jnp.where(_strictly_lower(a.shape[-1]), a, 0))
+
+
+def _strictly_lower(n: int) -> jax.Array:
+  return jnp.tril(jnp.ones((n, n), bool), -1)
+
+
+def _unit_lower_inverse_fwd(a):
+  t = unit_lower_inverse(a)
+  return t, t
+
+
+def _unit_lower_inverse_bwd(t, dt):
+  # d(M^-1) = -M^-1 dM M^-1, so dA = -T^T dT T^T, restricted to the strict lower part.
+  t_transposed = jnp.swapaxes(t, -1, -2)
+  return (jnp.where(_strictly_lower(t.shape[-1]), -(t_transposed @ dt) @ t_transposed, 0),)
+
+
+unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
+
+
 def gated_delta_rule_chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
                              beta: jax.Array, chunk_size: int) -> jax.Array:
   """The gated delta rule in chunked WY/UT form; same arguments as the recurrent one.
@@ -52,7 +113,7 @@ def gated_delta_rule_chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Ar
   written values u_t = beta_t (v_t - alpha_t S_{t-1} k_t) solve the unit lower-triangular system
   (I + A) U = diag(beta) V - diag(beta gamma) K S_0^T, A_ti = beta_t (gamma_t/gamma_i) k_t.k_i
   for i < t. So U = U' - W S_0^T with U' = T diag(beta) V, W = T diag(beta gamma) K,
-  T = (I + A)^-1, all computed for every chunk at once; then only
+  T = (I + A)^-1 (`unit_lower_inverse`), all computed for every chunk at once; then only
     O = diag(gamma) Q S_0^T + (tril(Q K^T) * gamma_t/gamma_i) U,
     S_C = gamma_C S_0 + U^T diag(gamma_C / gamma) K
   runs sequentially over chunks. Zero padding at the end (beta = 0) leaves earlier outputs
@@ -73,30 +134,26 @@ def gated_delta_rule_chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Ar
   strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
   a = beta[..., None] * jnp.exp(jnp.where(strict, diff, -jnp.inf)) * jnp.einsum(
       "...td,...id->...ti", k, k)
-
-  def solve(rhs):  # (I + A)^-1 rhs; unit_diagonal makes the solver read only A's strict part.
-    return jax.lax.linalg.triangular_solve(a, rhs, left_side=True, lower=True,
-                                           unit_diagonal=True)
-
-  w = solve((beta * jnp.exp(log_gamma))[..., None] * k)  # [..., chunk, key_dim]
-  u_prime = solve(beta[..., None] * v)  # [..., chunk, value_dim]
-  attn = jnp.exp(jnp.where(causal, diff, -jnp.inf)) * jnp.einsum("...td,...id->...ti", q, k)
+  inverse = unit_lower_inverse(a)  # [..., chunk, chunk]
   gamma = jnp.exp(log_gamma)
-  to_end = jnp.exp(log_gamma[..., -1:] - log_gamma)
+  w = inverse @ ((beta * gamma)[..., None] * k)  # [..., chunk, key_dim]
+  u_prime = inverse @ (beta[..., None] * v)  # [..., chunk, value_dim]
+  attn = jnp.exp(jnp.where(causal, diff, -jnp.inf)) * jnp.einsum("...td,...id->...ti", q, k)
+  q_decayed = gamma[..., None] * q
+  k_to_end = jnp.exp(log_gamma[..., -1:] - log_gamma)[..., None] * k
   gamma_end = gamma[..., -1]
 
   def step(s, inputs):  # s: [batch, heads, value_dim, key_dim]
-    q_c, k_c, w_c, u_prime_c, attn_c, gamma_c, to_end_c, gamma_end_c = inputs
+    q_c, k_c, w_c, u_prime_c, attn_c, gamma_end_c = inputs
     u = u_prime_c - jnp.einsum("bhck,bhvk->bhcv", w_c, s)
-    o = (gamma_c[..., None] * jnp.einsum("bhck,bhvk->bhcv", q_c, s)
-         + jnp.einsum("bhti,bhiv->bhtv", attn_c, u))
-    s = gamma_end_c[..., None, None] * s + jnp.einsum("bhcv,bhc,bhck->bhvk", u, to_end_c, k_c)
+    o = jnp.einsum("bhck,bhvk->bhcv", q_c, s) + attn_c @ u
+    s = gamma_end_c[..., None, None] * s + jnp.einsum("bhcv,bhck->bhvk", u, k_c)
     return s, o
 
   batch, _, heads, _, key_dim = k.shape
   s0 = jnp.zeros((batch, heads, v.shape[-1], key_dim), v.dtype)
   _, o = jax.lax.scan(step, s0, tuple(
-      jnp.moveaxis(t, 1, 0) for t in (q, k, w, u_prime, attn, gamma, to_end, gamma_end)))
+      jnp.moveaxis(t, 1, 0) for t in (q_decayed, k_to_end, w, u_prime, attn, gamma_end)))
   o = jnp.moveaxis(o, 0, 1)  # [batch, chunks, heads, chunk, value_dim]
   o = jnp.moveaxis(o, 2, 3).reshape(batch, -1, heads, o.shape[-1])
   return o[:, :seq]
