@@ -6,6 +6,7 @@ VAE and T5 written with save_vae / save_t5, and a tiny source dataset of the fea
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -363,6 +364,17 @@ def test_loader_errors(dataset, tmp_path):
   (bad / "precompute.json").write_text(json.dumps({**info, "scaling_factor": 1e38}))
   with pytest.raises(FloatingPointError, match="non-finite latents"):
     LatentLoader(bad, batch_size=2, seed=0).batch(0)
+  # A truncated examples file: an error naming the dataset and its file, not a bare Riegeli one.
+  cut = tmp_path / "cut"
+  shutil.copytree(out, cut)
+  (records,) = [f for f in os.listdir(cut) if ".array_record" in f]
+  os.truncate(cut / records, os.path.getsize(cut / records) // 2)
+  with pytest.raises(ValueError, match=re.escape(f"{cut}: cannot ") + ".*" + re.escape(records)
+                     + ".*damaged or truncated"):
+    LatentLoader(cut, batch_size=2, seed=0, shuffle=False).batch(NUM_EXAMPLES // 2 - 1)
+  (cut / "precompute.json").write_text("{")
+  with pytest.raises(ValueError, match=r"precompute.json: not valid JSON"):
+    LatentLoader(cut, batch_size=2, seed=0)
 
 
 def test_loader_imports_no_tensorflow(dataset):

@@ -4,6 +4,7 @@ The test builds every model it needs: a sentencepiece tokenizer it trains, a tin
 transformers T5 and diffusers CogVideoX VAE it converts with our converters, a random DiT.
 """
 import json
+import os
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from transformers import T5EncoderModel
 
 from configs import tomjerry_63s
 from ttt_jax import checkpoint
-from ttt_jax.data.tokenizer import StoryboardTokenizer
+from ttt_jax.data.storyboard import parse_storyboard
+from ttt_jax.data.tokenizer import StoryboardTokenizer, segment_text
 from ttt_jax.data.video_io import read_mp4
 from ttt_jax.models.dit import DiT, DiTConfig
 from ttt_jax.models.t5_convert import convert_t5
@@ -66,13 +68,42 @@ def assets(tmp_path_factory):
 
 def test_sample_63s_runlocal_writes_video(assets, tmp_path):
   config, root = assets
-  info = run(config, str(root / "dit"), str(root / "story.json"), str(tmp_path), progress=False)
-  frames, fps = read_mp4(tmp_path / "video.mp4")
+  out = tmp_path / "out"
+  info = run(config, str(root / "dit"), str(root / "story.json"), str(out), progress=False)
+  frames, fps = read_mp4(out / "video.mp4")
   # 253 latent frames -> 1 + 4 * 252 = 1009 frames = 63 s at 16 fps, 32 x 48 pixels.
   assert frames.shape == (1 + 4 * (config.latent_frames - 1), config.height, config.width, 3)
   assert fps == config.fps == 16
   assert info["frames"] == 1009 and info["segments"] == 21
-  assert (tmp_path / "contact_sheet.png").exists()
+  # The local text length (config.text.max_length) cuts these texts: one warning per segment.
+  assert [w.split(":")[0] for w in info["warnings"]] == [
+      f"storyboard segment {i}" for i in range(21)]
+  assert sorted(os.listdir(out)) == ["contact_sheet.png", "sample.json", "storyboard.json",
+                                     "video.mp4"]
+  assert os.listdir(tmp_path) == ["out"]  # written in a sibling folder, renamed
+  # A second run into the same folder is refused before anything is loaded; nothing changes.
+  before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+  with pytest.raises(FileExistsError, match=r"--out .*/out exists and is not empty"):
+    run(config, str(root / "dit"), str(root / "story.json"), str(out), seed=5, progress=False)
+  assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+
+
+def test_storyboard_warnings_name_the_segment_and_the_count(assets):
+  config, root = assets
+  sampler = Sampler(config, str(root / "dit"))
+  long = "Tom chases Jerry around the red kitchen. " * 20
+  k = config.segments
+  segments = parse_storyboard([{"text": "Tom."}] * k + [{"text": long}])  # "Tom." fits
+  n = len(sampler.tokenizer.tokenize(segment_text(long.strip(), False, True)))
+  keep = config.text.max_length - 1
+  assert n > keep
+  assert sampler.storyboard_warnings(segments) == [
+      f"storyboard segment {k}: its text is {n} tokens with scene tokens, config.text.max_length "
+      f"{config.text.max_length} keeps {keep} (+ EOS): the last {n - keep} are cut, <end_scene> "
+      "among them",
+      f"storyboard has {k + 1} segments; stage {config.stage} was trained on {k}: segments "
+      f"from {k} on go past the trained context"]
+  assert sampler.storyboard_warnings(segments[:k]) == []
 
 
 def test_fixed_seed_is_deterministic_and_seeds_differ(assets):

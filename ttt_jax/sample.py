@@ -1,19 +1,27 @@
 """Generate a multi-segment video from a storyboard in one denoising pass.
 
   python -m ttt_jax.sample --config=configs/tomjerry_63s.py --checkpoint=DIR \
-      --storyboard=FILE.json --out=DIR [--seed=N]
+      --storyboard=FILE.json --out=DIR [--seed=N] [--overwrite] [--verbose]
 
 DIR (checkpoint) holds the DiT as `params/` + `config.json` (`python -m ttt_jax.convert
-cogvideox` or a training run). The text encoder, its tokenizer and the VAE come from
-`config.text.checkpoint`, `config.text.tokenizer` and `config.vae.checkpoint`. The whole video —
-every segment — is denoised together by one jax.jit-compiled function (as the paper samples),
-then decoded by the VAE in frame batches and written as `video.mp4` (config.fps) and
-`contact_sheet.png` (the middle frame of each segment).
+cogvideox`, or a training run's `model/`; a finished training workdir is accepted for its
+`model/`). The text encoder, its tokenizer and the VAE come from `config.text.checkpoint`,
+`config.text.tokenizer` and `config.vae.checkpoint`. The whole video — every segment — is
+denoised together by one jax.jit-compiled function (as the paper samples), then decoded by the
+VAE in frame batches and written as `video.mp4` (config.fps) and `contact_sheet.png` (the middle
+frame of each segment), with `sample.json` and a copy of the storyboard.
+
+--out is checked before anything is loaded: an existing non-empty folder is refused unless
+--overwrite. The files are written into a sibling `OUT.incomplete-*` folder renamed to OUT at the
+end, so a crash leaves the previous result, whole, or nothing. A segment whose text is longer than
+config.text.max_length tokens (it is cut, which can drop its <end_scene>), and a storyboard with
+more segments than the stage was trained on, are reported as warnings naming the segment.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -21,11 +29,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
+from absl import logging
 from flax import nnx
 
-from ttt_jax import diffusion
+from ttt_jax import cli, diffusion
 from ttt_jax.data.storyboard import Segment, load_storyboard, segment_prompts
-from ttt_jax.data.tokenizer import StoryboardTokenizer
+from ttt_jax.data.tokenizer import SCENE_END, StoryboardTokenizer
 from ttt_jax.data.video_io import contact_sheet, to_uint8, write_mp4, write_png
 from ttt_jax.models.dit_convert import load_dit
 from ttt_jax.models.t5_convert import load_t5
@@ -46,7 +55,7 @@ class Sampler:
       if not path:
         raise ValueError(f"config.{key} is empty: sampling needs a converted model there")
     self.config = config
-    self.dit = load_dit(checkpoint, dtype=config.model.dtype)
+    self.dit = load_dit(resolve_checkpoint(checkpoint), dtype=config.model.dtype)
     mismatch = {k: (getattr(self.dit.config, k), config.model[k]) for k in _MUST_MATCH
                 if getattr(self.dit.config, k) != config.model[k]}
     if mismatch:
@@ -55,6 +64,12 @@ class Sampler:
     self.tokenizer = StoryboardTokenizer(config.text.tokenizer, max_length=config.text.max_length)
     _, self.t5 = load_t5(config.text.checkpoint)
     self.vae_config, self.vae = load_converted_vae(config.vae.checkpoint)
+    multiple = self.vae_config.spatial_compression * self.dit.config.patch_size
+    if config.height % multiple or config.width % multiple:
+      raise ValueError(f"config.height x config.width = {config.height} x {config.width} pixels: "
+                       f"each must be a multiple of {multiple} (VAE spatial compression "
+                       f"{self.vae_config.spatial_compression} x DiT patch_size "
+                       f"{self.dit.config.patch_size})")
     self.schedule = diffusion.make_schedule(**config.diffusion)
     self._encode_text = nnx.jit(lambda t5, ids: t5(ids))
     self._generate = jax.jit(self._denoise, static_argnums=(0,))
@@ -64,6 +79,25 @@ class Sampler:
     the encoder sees the padding too."""
     ids, _ = self.tokenizer.encode(texts)
     return self._encode_text(self.t5, jnp.asarray(ids))[None]
+
+  def storyboard_warnings(self, segments: list[Segment]) -> list[str]:
+    """One line per problem that does not stop sampling: text cut to config.text.max_length
+    tokens, more segments than the stage was trained on."""
+    warnings = []
+    prompts, _ = segment_prompts(segments)
+    room = self.config.text.max_length - 1  # EOS takes the last position
+    for i, prompt in enumerate(prompts):
+      n = len(self.tokenizer.tokenize(prompt))
+      if n > room:
+        warnings.append(f"storyboard segment {i}: its text is {n} tokens with scene tokens, "
+                        f"config.text.max_length {self.config.text.max_length} keeps {room} "
+                        f"(+ EOS): the last {n - room} are cut"
+                        + (", <end_scene> among them" if prompt.endswith(SCENE_END) else ""))
+    if len(segments) > self.config.segments:
+      warnings.append(f"storyboard has {len(segments)} segments; stage {self.config.stage} was "
+                      f"trained on {self.config.segments}: segments from {self.config.segments} "
+                      "on go past the trained context")
+    return warnings
 
   def latent_shape(self, segments: int) -> tuple[int, ...]:
     c, f = self.config, self.vae_config.spatial_compression
@@ -120,25 +154,52 @@ def segment_frame_indices(num_frames: int, segments: int, fps: int) -> list[int]
   return [min(num_frames - 1, 1 + i * per_segment + per_segment // 2) for i in range(segments)]
 
 
+def resolve_checkpoint(checkpoint: str) -> str:
+  """The DiT directory (params/ + config.json) of `checkpoint`, which may also be a training
+  workdir (its model/)."""
+  if not os.path.isdir(checkpoint):
+    raise FileNotFoundError(f"--checkpoint {checkpoint}: no such folder")
+  if os.path.isdir(os.path.join(checkpoint, "checkpoints")):  # a training workdir
+    model = os.path.join(checkpoint, "model")
+    if not os.path.isdir(model):
+      raise ValueError(f"--checkpoint {checkpoint} is a training workdir without model/ (the "
+                       "run has not finished); finish it, or pass a converted model folder")
+    return model
+  if not os.path.isdir(os.path.join(checkpoint, "params")):
+    raise ValueError(f"--checkpoint {checkpoint}: expected a model folder with params/ and "
+                     "config.json (python -m ttt_jax.convert, or a training workdir's model/)")
+  return checkpoint
+
+
 def run(config: ml_collections.ConfigDict, checkpoint: str, storyboard: str, out: str,
-        seed: int | None = None, progress: bool = True) -> dict[str, Any]:
-  """Samples, decodes and writes `out/video.mp4`, `out/contact_sheet.png`, `out/sample.json`."""
+        seed: int | None = None, progress: bool = True, overwrite: bool = False
+        ) -> dict[str, Any]:
+  """Samples, decodes and writes `out/{video.mp4, contact_sheet.png, sample.json,
+  storyboard.json}`, atomically (module docstring). `out` must not be a non-empty folder unless
+  `overwrite`; it is checked before any model is loaded."""
+  out = cli.check_output_dir(out, "--out", overwrite=overwrite)
   segments = load_storyboard(storyboard)
+  checkpoint = resolve_checkpoint(checkpoint)
   seed = config.seed if seed is None else seed
   sampler = Sampler(config, checkpoint)
+  warnings = sampler.storyboard_warnings(segments)
+  for warning in warnings:
+    logging.warning("%s", warning)
   video = to_uint8(sampler.decode(sampler.generate(segments, seed, progress)))
-  os.makedirs(out, exist_ok=True)
-  paths = {"video": os.path.join(out, "video.mp4"),
-           "contact_sheet": os.path.join(out, "contact_sheet.png")}
-  write_mp4(paths["video"], video, fps=config.fps)
-  write_png(paths["contact_sheet"],
-            contact_sheet(video, segment_frame_indices(len(video), len(segments), config.fps)))
+  names = {"video": "video.mp4", "contact_sheet": "contact_sheet.png",
+           "storyboard": "storyboard.json"}
   info = dict(stage=config.stage, seed=seed, segments=len(segments), frames=len(video),
               height=video.shape[1], width=video.shape[2], fps=config.fps,
-              storyboard=os.path.abspath(storyboard), checkpoint=os.path.abspath(checkpoint),
-              **paths)
-  with open(os.path.join(out, "sample.json"), "w") as f:
-    json.dump(info, f, indent=2)
+              storyboard_source=os.path.abspath(storyboard),
+              checkpoint=os.path.abspath(checkpoint), warnings=warnings,
+              **{k: os.path.join(out, name) for k, name in names.items()})
+  with cli.atomic_output_dir(out, overwrite=overwrite) as tmp:
+    write_mp4(os.path.join(tmp, names["video"]), video, fps=config.fps)
+    write_png(os.path.join(tmp, names["contact_sheet"]),
+              contact_sheet(video, segment_frame_indices(len(video), len(segments), config.fps)))
+    shutil.copyfile(storyboard, os.path.join(tmp, names["storyboard"]))
+    with open(os.path.join(tmp, "sample.json"), "w") as f:
+      json.dump(info, f, indent=2)
   return info
 
 
@@ -146,11 +207,12 @@ def main(argv):
   del argv
   from absl import flags
   f = flags.FLAGS
-  print(json.dumps(run(f.config, f.checkpoint, f.storyboard, f.out, f.seed)))
+  print(json.dumps(run(f.config, f.checkpoint, f.storyboard, f.out, f.seed,
+                       overwrite=f.overwrite)))
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
 
   config_flags.DEFINE_config_file("config", None, "configs/<stage>.py[:runlocal]",
@@ -159,5 +221,6 @@ if __name__ == "__main__":
   flags.DEFINE_string("storyboard", None, "storyboard JSON file")
   flags.DEFINE_string("out", None, "output directory")
   flags.DEFINE_integer("seed", None, "sampling seed (default: config.seed)")
+  flags.DEFINE_bool("overwrite", False, "replace an existing non-empty --out")
   flags.mark_flags_as_required(["config", "checkpoint", "storyboard", "out"])
-  app.run(main)
+  cli.run_absl(main)

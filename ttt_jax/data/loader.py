@@ -71,7 +71,10 @@ class LatentLoader:
       raise FileNotFoundError(f"no precomputed dataset at {dataset_dir!r} (no {INFO_FILE}; "
                               "write one with python -m ttt_jax.data.precompute)")
     with open(info_path) as f:
-      self.info = json.load(f)
+      try:
+        self.info = json.load(f)
+      except ValueError as e:
+        raise ValueError(f"{info_path}: not valid JSON ({e})") from e
     if seed < 0:
       raise ValueError(f"seed must be non-negative, got {seed}")
     if not 0 <= process_index < process_count:
@@ -79,22 +82,33 @@ class LatentLoader:
     if batch_size < 1 or batch_size % process_count:
       raise ValueError(f"batch_size {batch_size} must be a positive multiple of "
                        f"process_count {process_count}")
-    self._source = tfds.builder_from_directory(dataset_dir).as_data_source()[self.info["split"]]
-    self.num_examples = len(self._source)
+    self.dataset_dir = dataset_dir
+    try:
+      self._source = tfds.builder_from_directory(dataset_dir).as_data_source()[
+          self.info["split"]]
+      self.num_examples = len(self._source)
+    except RuntimeError as e:
+      raise self._damaged(e, "open") from e
     if self.num_examples == 0:
       raise ValueError(f"{dataset_dir}: the dataset is empty")
     if drop_remainder and batch_size > self.num_examples:
       raise ValueError(f"{dataset_dir}: batch_size {batch_size} > {self.num_examples} examples "
                        "with drop_remainder=True (a batch would repeat examples)")
     self.null_text = np.load(os.path.join(dataset_dir, NULL_TEXT_FILE)).astype(np.float32)
-    self.dataset_dir, self.batch_size, self.seed, self.shuffle = (
-        dataset_dir, batch_size, seed, shuffle)
+    self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
     self.process_index, self.process_count = process_index, process_count
     self.local_batch_size = batch_size // process_count
     self.drop_remainder, self.prefetch = drop_remainder, prefetch
     self.scaling_factor = float(self.info["scaling_factor"])
     self.steps_per_epoch = (self.num_examples // batch_size if drop_remainder
                             else self.num_examples / batch_size)
+
+  def _damaged(self, error: RuntimeError, action: str) -> ValueError:
+    # array_record (Riegeli) raises RuntimeError, often with an empty message and no path.
+    files = sorted(f for f in os.listdir(self.dataset_dir) if ".array_record" in f)
+    return ValueError(f"{self.dataset_dir}: cannot {action} {files}: damaged or truncated "
+                      f"({error or type(error).__name__}); write the dataset again with "
+                      "python -m ttt_jax.data.precompute")
 
   def _order(self, epoch: int) -> np.ndarray:
     if not self.shuffle:
@@ -136,7 +150,10 @@ class LatentLoader:
       ids     str [B]
     with B = local_batch_size."""
     indices = self.indices(step)
-    examples = self._source.__getitems__(indices.tolist())
+    try:
+      examples = self._source.__getitems__(indices.tolist())
+    except RuntimeError as e:
+      raise self._damaged(e, f"read examples {indices.tolist()} of") from e
     return {
         "latents": np.stack([self._latents(ex, step, int(i))
                              for ex, i in zip(examples, indices)]),

@@ -1,7 +1,7 @@
 """Training inputs, computed once: videos -> VAE latents, segment texts -> T5 embeddings.
 
   python -m ttt_jax.data.precompute --config=configs/tomjerry_9s.py[:runlocal] --source=DIR \
-      --out=DIR [--split=train] [--text_dtype=float32|float16] [--overwrite]
+      --out=DIR [--split=train] [--text_dtype=float32|float16] [--overwrite] [--verbose]
 
 `--source` is a tfds dataset directory (the one holding dataset_info.json) written by any builder
 of the `features.py` schema. Every example must match the stage: config.height x config.width
@@ -32,15 +32,14 @@ branch) is the empty string WITHOUT scene tokens, i.e. EOS then padding, as CogV
 empty negative prompt; it is also what the sampler feeds for a segment whose negative_text is ""
 (negative prompts never get scene tokens, see storyboard.segment_prompts).
 
-Everything is written into a sibling temporary directory renamed to `--out` at the end: a crash
-leaves no dataset under the final name.
+--out is checked before anything is read. Everything is written into a sibling temporary
+directory renamed to `--out` at the end: a crash leaves no dataset under the final name.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import uuid
 from typing import Any, Iterator
 
 import jax.numpy as jnp
@@ -49,6 +48,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from flax import nnx
 
+from ttt_jax import cli
 from ttt_jax.data import features
 from ttt_jax.data.loader import INFO_FILE, NULL_TEXT_FILE, decode_text
 from ttt_jax.data.tokenizer import StoryboardTokenizer, segment_text
@@ -259,7 +259,7 @@ def precompute(config: ml_collections.ConfigDict, source_dir: str | os.PathLike,
   Args:
     config: a stage config (configs/tomjerry_*.py).
     source_dir: tfds dataset directory of the features.py schema.
-    out_dir: created; must not exist unless `overwrite`.
+    out_dir: created; must not exist, or be empty, unless `overwrite`.
     split: the source split to encode; out_dir holds that one split under the same name.
     text_dtype: storage dtype of text_embeds, "float32" or "float16" (half the disk; T5's
       output follows its final RMSNorm, well inside float16's range, and is checked finite).
@@ -272,13 +272,12 @@ def precompute(config: ml_collections.ConfigDict, source_dir: str | os.PathLike,
   Raises:
     ValueError: the source or the models do not fit the config (message names the example and
       field), or the source split is empty.
-    FileExistsError: out_dir exists and not `overwrite`.
+    FileExistsError: out_dir exists, is not empty, and not `overwrite`.
   """
-  source_dir, out_dir = os.path.abspath(source_dir), os.path.abspath(out_dir)
+  source_dir = os.path.abspath(source_dir)
   if text_dtype not in TEXT_DTYPES:
     raise ValueError(f"text_dtype must be one of {sorted(TEXT_DTYPES)}, got {text_dtype!r}")
-  if os.path.exists(out_dir) and not overwrite:
-    raise FileExistsError(f"{out_dir} exists (pass overwrite=True / --overwrite to replace it)")
+  out_dir = cli.check_output_dir(os.fspath(out_dir), "--out", overwrite=overwrite)
   source, source_info = _open_source(source_dir, split)
   check = _Check(config, source_dir)
   check.features(source_info)
@@ -302,11 +301,7 @@ def precompute(config: ml_collections.ConfigDict, source_dir: str | os.PathLike,
       text_checkpoint=os.path.abspath(config.text.checkpoint),
       tokenizer=os.path.abspath(config.text.tokenizer))
 
-  # A sibling, so that the final rename stays on one filesystem; makedirs, not mkdtemp, so that
-  # the dataset gets the umask's permissions rather than 0700.
-  tmp = f"{out_dir}.incomplete-{uuid.uuid4().hex[:8]}"
-  os.makedirs(tmp)
-  try:
+  with cli.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
     truncated = []
     examples = _examples(source, encoders, check, config.segments, TEXT_DTYPES[text_dtype],
                          truncated)
@@ -328,16 +323,6 @@ def precompute(config: ml_collections.ConfigDict, source_dir: str | os.PathLike,
     info.update(truncated_texts=len(truncated), truncated_examples=truncated[:_LIST_AT_MOST])
     with open(os.path.join(tmp, INFO_FILE), "w") as f:
       json.dump(info, f, indent=2)
-    if os.path.exists(out_dir):  # overwrite: the old one goes only once the new one is whole
-      old = f"{out_dir}.old-{uuid.uuid4().hex[:8]}"
-      os.rename(out_dir, old)
-      os.rename(tmp, out_dir)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return info
 
 
@@ -350,7 +335,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
 
   config_flags.DEFINE_config_file("config", None, "configs/<stage>.py[:runlocal]",
@@ -361,4 +346,4 @@ if __name__ == "__main__":
   flags.DEFINE_enum("text_dtype", "float32", sorted(TEXT_DTYPES), "storage dtype of text_embeds")
   flags.DEFINE_bool("overwrite", False, "replace an existing --out")
   flags.mark_flags_as_required(["config", "source", "out"])
-  app.run(main)
+  cli.run_absl(main)

@@ -7,6 +7,7 @@ their gates α, β) are initialised as `DiT(cfg, rngs=nnx.Rngs(seed))` would.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -53,8 +54,7 @@ _NEW_IN_BLOCK = ("mixer", "mixer_reverse", "alpha", "beta")
 
 def read_diffusers(src: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """(config dict, state dict) of a diffusers transformer folder."""
-  with open(os.path.join(src, "config.json")) as f:
-    config = json.load(f)
+  config = checkpoint.read_json(os.path.join(src, "config.json"))
   return config, read_safetensors_dir(src, "diffusion_pytorch_model.safetensors")
 
 
@@ -187,8 +187,14 @@ def load_dit(directory: str, *, mixer_factory: MixerFactory = default_mixer_fact
   overrides change run-time fields only (remat, local_attention, dtype); raises ValueError on
   missing or unexpected parameters.
   """
-  with open(os.path.join(directory, "config.json")) as f:
-    cfg = DiTConfig.from_dict({**json.load(f), **overrides})
+  path = os.path.join(directory, "config.json")
+  stored = checkpoint.read_json(path)
+  known = {f.name for f in dataclasses.fields(DiTConfig)}
+  if not isinstance(stored, dict) or set(stored) - known:
+    extra = sorted(set(stored) - known) if isinstance(stored, dict) else type(stored).__name__
+    raise ValueError(f"{path}: not a DiT config (unknown fields {extra}); expected what "
+                     "python -m ttt_jax.convert or a training run's model/ writes")
+  cfg = DiTConfig.from_dict({**stored, **overrides})
   abstract = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0), mixer_factory=mixer_factory))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   restored = checkpoint.load_params(os.path.join(directory, "params"), params.to_pure_dict())

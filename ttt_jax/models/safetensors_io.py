@@ -28,10 +28,13 @@ def read_safetensors_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
   Raises:
     FileNotFoundError: if `path` does not exist.
+    ValueError: a file that is not safetensors (the message names it).
   """
   try:
     # Looked up at call time (not imported by name) so tests can stand in an old safetensors.
     return safetensors.numpy.load_file(path)
+  except safetensors.SafetensorError as e:  # its message names no file
+    raise ValueError(f"{os.fspath(path)}: not a valid safetensors file ({e})") from e
   except TypeError:
     # safetensors 0.4.x cannot make numpy bfloat16; read the documented layout directly: an
     # 8-byte little-endian header length, a JSON header, then the raw data, memory-mapped so a

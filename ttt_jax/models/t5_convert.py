@@ -125,8 +125,7 @@ def load_hf_t5_encoder(src_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
                        param_dtype: Any = jnp.float32) -> tuple[T5Config, T5Encoder]:
   """Loads a transformers T5 encoder directory (config.json + safetensors) as a `T5Encoder`."""
   src_dir = os.fspath(src_dir)
-  with open(os.path.join(src_dir, "config.json")) as f:
-    config = T5Config.from_hf(json.load(f))
+  config = T5Config.from_hf(checkpoint.read_json(os.path.join(src_dir, "config.json")))
   params = hf_to_params(config, read_safetensors_dir(src_dir, "model.safetensors"),
                         param_dtype)
   return config, params_to_model(config, params, dtype=dtype, param_dtype=param_dtype)
@@ -153,8 +152,7 @@ def load_t5(ckpt_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
             param_dtype: Any = jnp.float32) -> tuple[T5Config, T5Encoder]:
   """Reads a directory written by `save_t5` (or `convert_t5`)."""
   ckpt_dir = os.fspath(ckpt_dir)
-  with open(os.path.join(ckpt_dir, "config.json")) as f:
-    config = T5Config.from_hf(json.load(f))
+  config = T5Config.from_hf(checkpoint.read_json(os.path.join(ckpt_dir, "config.json")))
   graphdef, state, abstract = _abstract_encoder(config, dtype, param_dtype)
   nnx.replace_by_pure_dict(state, checkpoint.load_params(os.path.join(ckpt_dir, "params"),
                                                          abstract))

@@ -44,8 +44,7 @@ def load_diffusers_vae(src_dir: str | os.PathLike) -> tuple[VAEConfig, CogVideoX
     ValueError: if the config is not one we reproduce, if the checkpoint lacks a parameter of
       the model or has one the model does not (all listed), or if a shape disagrees.
   """
-  with open(os.path.join(src_dir, "config.json")) as f:
-    config = VAEConfig.from_diffusers(json.load(f))
+  config = VAEConfig.from_diffusers(checkpoint.read_json(os.path.join(src_dir, "config.json")))
   tensors = {k: v.astype(np.float32)
              for k, v in read_safetensors_dir(src_dir, WEIGHTS_NAME).items()}
   graphdef, abstract = _abstract_model(config)
@@ -100,8 +99,7 @@ def convert_vae(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> None:
 def load_converted_vae(ckpt_dir: str | os.PathLike) -> tuple[VAEConfig, CogVideoXVAE]:
   """Reads what `save_vae` (or `save_pixel_vae`) wrote; a missing or unexpected parameter
   raises ValueError."""
-  with open(os.path.join(ckpt_dir, "config.json")) as f:
-    raw = json.load(f)
+  raw = checkpoint.read_json(os.path.join(ckpt_dir, "config.json"))
   if raw.get("kind") == pixel_vae.KIND:  # parameter-free: nothing else to read
     config = pixel_vae.PixelVAEConfig.from_dict(raw)
     return config, pixel_vae.PixelVAE(config)

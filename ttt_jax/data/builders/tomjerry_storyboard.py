@@ -5,6 +5,12 @@
                                         width=720, fps=16, on_error="skip")
     source = builder.as_data_source()["train"]
 
+or, with a stage config's segments, size and frame rate (prints the dataset directory to hand to
+precompute; an error is one line naming the file, segment and field, --verbose for the traceback):
+
+    python -m ttt_jax.data.builders.tomjerry_storyboard --config=configs/tomjerry_9s.py \
+        --source=cartoons/ --data_dir=tfds_data/ [--on_error=skip] [--test_videos=a,b]
+
 The source folder holds videos and, for each, an annotation JSON (format: ttt_jax/data/
 annotations.py), in subfolders or not. A video's name is its annotation's path relative to the
 folder without `.json` (`season1/tom_01`); an example's id is "<name>/<first segment index>".
@@ -373,6 +379,8 @@ def build(source_dir: str | os.PathLike, data_dir: str | os.PathLike, *, segment
   Returns the builder: `builder.as_data_source()[split]`, `builder.data_path` (the directory to
   hand to precompute), `builder.skip_report()`.
   """
+  if not os.path.isdir(source_dir):  # before tfds makes any folder under data_dir
+    raise FileNotFoundError(f"{source_dir}: source folder of videos and annotations not found")
   builder = TomjerryStoryboard(
       source_dir=source_dir, on_error=on_error, data_dir=data_dir, file_format=file_format,
       config=make_config(segments, height, width, fps, stride, test_videos))
@@ -380,3 +388,37 @@ def build(source_dir: str | os.PathLike, data_dir: str | os.PathLike, *, segment
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       compute_stats=tfds.download.ComputeStatsMode.SKIP))
   return builder
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  c = f.config
+  builder = build(f.source, f.data_dir, segments=c.segments, height=c.height, width=c.width,
+                  fps=c.fps, stride=f.stride or None, test_videos=f.test_videos,
+                  on_error=f.on_error)
+  print(json.dumps({"dataset": str(builder.data_path),
+                    "examples": {k: v.num_examples for k, v in builder.info.splits.items()},
+                    "skipped": len(builder.skip_report())}))
+
+
+if __name__ == "__main__":
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  from ttt_jax import cli  # pylint: disable=g-import-not-at-top
+
+  # tfds reads a builder's package metadata, which a class defined in __main__ has not: run the
+  # module's own copy, unregistered (this __main__ copy already holds the name).
+  with tfds.core.registered.skip_registration():
+    from ttt_jax.data.builders import tomjerry_storyboard as module  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "configs/<stage>.py[:runlocal]: segments, "
+                                  "height, width, fps", lock_config=True)
+  flags.DEFINE_string("source", None, "folder of videos and their annotation JSON files")
+  flags.DEFINE_string("data_dir", None, "tfds data directory to build into")
+  flags.DEFINE_integer("stride", 0, "segments between example starts (0: no overlap)")
+  flags.DEFINE_list("test_videos", [], "video names held out as the test split")
+  flags.DEFINE_enum("on_error", "fail", ON_ERROR, "a bad video: stop, or skip and report it")
+  flags.mark_flags_as_required(["config", "source", "data_dir"])
+  cli.run_absl(module.main)
