@@ -34,21 +34,28 @@ def test_full_rank_roundtrip_is_exact_for_linear_motion():
 def test_pca_fit_matches_svd_reconstruction():
   rng = np.random.default_rng(1)
   frames = rng.uniform(-1, 1, size=(5, 8, 12, 3)).astype(np.float32)
-  mean, basis = fit_linear(frames, patch=4, latent_channels=6)
+  mean, basis, std = fit_linear(frames, patch=4, latent_channels=6)
   np.testing.assert_allclose(basis @ basis.T, np.eye(6), atol=1e-5)
   # Independent reference: rank-6 truncated SVD of the centred 48-dim block vectors.
   blocks = frames.reshape(5, 2, 4, 3, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, 48)
   centred = blocks - blocks.mean(0)
   u, s, vt = np.linalg.svd(centred.astype(np.float64), full_matrices=False)
   want = (u[:, :6] * s[:6]) @ vt[:6] + blocks.mean(0)
-  config = PixelVAEConfig(patch=4, mean=tuple(mean.tolist()),
-                          basis=tuple(map(tuple, basis.tolist())))
-  vae = PixelVAE(config)
-  z, _ = vae.encode(frames[None, :1])
-  got = np.asarray(vae.decode(z))[0, 0]
   want_frame = want.reshape(5, 2, 3, 4, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(5, 8, 12, 3)[0]
-  np.testing.assert_allclose(got, want_frame, atol=1e-4)
-  assert config.latent_channels == 6
+  # Whitened or not, decoding undoes the scale: the same rank-6 reconstruction.
+  for channel_std in (None, tuple(std.tolist())):
+    config = PixelVAEConfig(patch=4, mean=tuple(mean.tolist()),
+                            basis=tuple(map(tuple, basis.tolist())), channel_std=channel_std)
+    vae = PixelVAE(config)
+    z, _ = vae.encode(frames[None, :1])
+    got = np.asarray(vae.decode(z))[0, 0]
+    np.testing.assert_allclose(got, want_frame, atol=1e-4)
+    assert config.latent_channels == 6
+  # channel_std is each projection's std over the fitted blocks: whitened latents have unit
+  # variance per channel.
+  np.testing.assert_allclose(std, (u[:, :6] * s[:6]).std(0), rtol=1e-4)
+  z, _ = PixelVAE(config).encode(frames[:, None])  # every frame as a one-frame video
+  np.testing.assert_allclose(np.asarray(z).reshape(-1, 6).std(0), np.ones(6), rtol=1e-4)
 
 
 def test_bad_shapes_and_checkpoint_roundtrip(tmp_path):
@@ -57,9 +64,9 @@ def test_bad_shapes_and_checkpoint_roundtrip(tmp_path):
     vae.encode(np.zeros((1, 6, 8, 12, 3), np.float32))
   with pytest.raises(ValueError, match="latent_channels must be in 1..12"):
     fit_linear(np.zeros((1, 4, 4, 3), np.float32), patch=2, latent_channels=13)
-  mean, basis = fit_linear(np.random.default_rng(2).uniform(size=(2, 4, 4, 3)), 2, 3)
+  mean, basis, std = fit_linear(np.random.default_rng(2).uniform(size=(2, 4, 4, 3)), 2, 3)
   config = PixelVAEConfig(patch=2, scaling_factor=1.7, mean=tuple(mean.tolist()),
-                          basis=tuple(map(tuple, basis.tolist())))
+                          basis=tuple(map(tuple, basis.tolist())), channel_std=tuple(std.tolist()))
   save_pixel_vae(tmp_path, config)
   loaded, model = load_converted_vae(tmp_path)
   assert loaded == config and isinstance(model, PixelVAE)
