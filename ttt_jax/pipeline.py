@@ -20,14 +20,19 @@ summary.json. Each piece is skipped when already complete, so a rerun resumes.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging as py_logging
 import os
-from typing import Any
+import sys
+import time
+from typing import Any, Iterator
 
 import jax
 import ml_collections
 import numpy as np
+import tqdm
 from absl import logging
 
 from configs.tomjerry_common import STAGES
@@ -39,7 +44,52 @@ def _stage_configs(config: ml_collections.ConfigDict) -> list[tuple[int, Any]]:
 
 def _log(message: str) -> None:
   logging.info(message)
-  print(f"[toy] {message}", flush=True)
+  print(f"[toy] {message}", file=_TERMINAL, flush=True)
+
+
+_TERMINAL = sys.stdout  # where _log and the progress bars write while stdout goes to the log
+
+
+@contextlib.contextmanager
+def _logs_to_file(path: str) -> Iterator[None]:
+  """INFO logs (Orbax, tfds, clu, ours) and library prints go to `path`; the terminal keeps the
+  job's own lines, progress bars, and warnings and errors."""
+  global _TERMINAL
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  root = py_logging.getLogger()
+  absl_handler = logging.get_absl_handler()
+  to_file = py_logging.FileHandler(path)
+  to_file.setFormatter(logging.PythonFormatter())
+  to_terminal = py_logging.StreamHandler(sys.stderr)
+  to_terminal.setLevel(py_logging.WARNING)
+  # Libraries' warnings (tfds' "custom data configuration", Orbax's metadata notes, fork
+  # warnings) are chatter here: only ours, and anyone's errors, reach the terminal.
+  ours = os.path.dirname(os.path.abspath(__file__))
+  to_terminal.addFilter(lambda r: r.levelno >= py_logging.ERROR or r.pathname.startswith(ours))
+  to_terminal.setFormatter(py_logging.Formatter("%(levelname)s %(message)s"))
+  level, verbosity = root.level, logging.get_verbosity()
+  attached = absl_handler in root.handlers
+  if attached:
+    root.removeHandler(absl_handler)
+  root.addHandler(to_file)
+  root.addHandler(to_terminal)
+  logging.set_verbosity(logging.INFO)
+  py_logging.captureWarnings(True)
+  tfds.disable_progress_bar()
+  terminal, _TERMINAL = _TERMINAL, sys.stdout
+  try:
+    with open(path, "a") as log, contextlib.redirect_stdout(log):
+      yield
+  finally:
+    _TERMINAL = terminal
+    root.removeHandler(to_file)
+    root.removeHandler(to_terminal)
+    to_file.close()
+    if attached:
+      root.addHandler(absl_handler)
+    root.setLevel(level)
+    logging.set_verbosity(verbosity)
+    py_logging.captureWarnings(False)
 
 
 def build_datasets(config, workdir: str) -> dict[int, Any]:
@@ -107,13 +157,25 @@ def build_autoencoder(config, workdir: str, datasets) -> str:
   source = datasets[3].as_data_source()["train"]
   frames = np.concatenate([source[i]["video"][::6] for i in range(len(source))])
   frames = frames.astype(np.float32) / 127.5 - 1.0
-  mean, basis = pixel_vae.fit_linear(frames, config.vae.patch, config.vae.latent_channels)
-  vae_config = pixel_vae.PixelVAEConfig(patch=config.vae.patch, mean=tuple(mean.tolist()),
-                                        basis=tuple(map(tuple, basis.tolist())))
-  latents, _ = pixel_vae.PixelVAE(vae_config).encode(frames[None, :1 + 4 * ((len(frames) - 1)
-                                                                           // 4)])
-  std = float(np.std(np.asarray(latents)))
-  save_pixel_vae(vae_dir, dataclasses.replace(vae_config, scaling_factor=1.0 / max(std, 1e-3)))
+  mean, basis, std = pixel_vae.fit_linear(frames, config.vae.patch, config.vae.latent_channels)
+  normalize = config.vae.get("normalize", "channel")
+  if normalize == "channel":
+    # Each channel to unit variance: the PCA channels' stds span an order of magnitude, and under
+    # one global scale the weak (edge) channels are drowned by the diffusion noise first and
+    # their errors cost the loss the least, which the decoder shows as block noise.
+    scaled = pixel_vae.PixelVAEConfig(patch=config.vae.patch, mean=tuple(mean.tolist()),
+                                      basis=tuple(map(tuple, basis.tolist())),
+                                      channel_std=tuple(std.tolist()))
+  elif normalize == "global":
+    vae_config = pixel_vae.PixelVAEConfig(patch=config.vae.patch, mean=tuple(mean.tolist()),
+                                          basis=tuple(map(tuple, basis.tolist())))
+    latents, _ = pixel_vae.PixelVAE(vae_config).encode(
+        frames[None, :1 + 4 * ((len(frames) - 1) // 4)])
+    global_std = float(np.std(np.asarray(latents)))
+    scaled = dataclasses.replace(vae_config, scaling_factor=1.0 / max(global_std, 1e-3))
+  else:
+    raise ValueError(f"config.vae.normalize={normalize!r}: expected 'channel' or 'global'")
+  save_pixel_vae(vae_dir, scaled)
   return vae_dir
 
 
@@ -135,68 +197,126 @@ def _summarise_losses(losses: list[float]) -> dict[str, float]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) the toy pipeline; returns and writes DIR/summary.json."""
+  """Runs (or resumes) the toy pipeline; returns and writes DIR/summary.json. The terminal gets
+  a line per step of the job and a progress bar per stage; the logs go to DIR/log.txt."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with _logs_to_file(os.path.join(workdir, "log.txt")):
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from ttt_jax import sample, train  # pylint: disable=g-import-not-at-top
   from ttt_jax.data import toy_toons  # pylint: disable=g-import-not-at-top
   from ttt_jax.data.precompute import precompute  # pylint: disable=g-import-not-at-top
   from ttt_jax.data.video_io import read_mp4  # pylint: disable=g-import-not-at-top
 
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  _log("building toy_toons for the five stages")
+  _log(f"building toy_toons for the five stages; logs: {os.path.join(workdir, 'log.txt')}")
   datasets = build_datasets(config, workdir)
   spm, t5_dir = build_text_encoder(config, workdir, datasets)
   vae_dir = build_autoencoder(config, workdir, datasets)
 
-  summary: dict[str, Any] = {"workdir": workdir, "stages": {}}
+  # Paths relative to the workdir: the same seed gives the same summary.json, wherever it runs.
+  summary: dict[str, Any] = {"stages": {}}
   previous = ""
   for seconds, stage in _stage_configs(config):
     stage = _with_models(stage, spm, t5_dir, vae_dir)
+    start = time.perf_counter()
     latents = os.path.join(workdir, "latents", stage.stage)
+    encoded = ""
     if not os.path.exists(os.path.join(latents, "precompute.json")):
-      _log(f"{stage.stage}: encoding {datasets[seconds].info.splits['train'].num_examples} "
-           "training videos and their texts")
       precompute(stage, datasets[seconds].data_path, latents, "train")
+      encoded = f"encoded {datasets[seconds].info.splits['train'].num_examples} videos, "
     stage.data.latents = latents
     stage.init_from = previous
-    _log(f"{stage.stage}: training {stage.train.steps} steps"
-         + (f", from {os.path.basename(previous)}" if previous else ""))
-    out = train.train(stage, os.path.join(workdir, "stages", stage.stage),
-                      mesh=_mesh(stage))
-    summary["stages"][stage.stage] = {**_summarise_losses(_read_losses(out["workdir"])),
-                                      "initialised_fresh": len(out["initialised_fresh"])}
-    _log(f"{stage.stage}: loss {summary['stages'][stage.stage]['first_loss']:.4f} -> "
-         f"{summary['stages'][stage.stage]['last_loss']:.4f}")
+    with tqdm.tqdm(desc=f"[toy] {stage.stage}", total=int(stage.train.steps), file=_TERMINAL,
+                   dynamic_ncols=True, leave=False) as bar:
+      out = train.train(stage, os.path.join(workdir, "stages", stage.stage), mesh=_mesh(stage),
+                        on_step=lambda step, total, m: _advance(bar, step, m))
+    s = summary["stages"][stage.stage] = {**_summarise_losses(_read_losses(out["workdir"])),
+                                          "initialised_fresh": len(out["initialised_fresh"])}
+    _log(f"{stage.stage}: {encoded}{s['steps']} steps x {stage.train.batch_size}"
+         + (f" from {os.path.basename(previous)}" if previous else "")
+         + f", loss {s['first_loss']:.3f} -> {s['last_loss']:.3f} "
+         f"({time.perf_counter() - start:.0f} s)")
     previous = out["workdir"]
 
   # One minute from a held-out storyboard (the 63 s test split was never trained on).
   seconds, stage = _stage_configs(config)[-1]
   stage = _with_models(stage, spm, t5_dir, vae_dir)
   story = _stories(datasets[seconds], "test")[config.toy.sample_story]
-  sample_dir = os.path.join(workdir, "sample")
-  os.makedirs(sample_dir, exist_ok=True)
-  storyboard = os.path.join(sample_dir, "storyboard.json")
+  storyboard = os.path.join(workdir, "storyboard.json")
   with open(storyboard, "w") as f:
     json.dump(toy_toons.story_to_storyboard(story), f, indent=2)
+  sample_dir = os.path.join(workdir, "sample")
   _log(f"sampling {story.segments} segments ({story.segments * 3} s) from {storyboard}")
+  # The sample is a function of the trained model and the seed: resampling on a rerun
+  # replaces it with the same video.
   info = sample.run(stage, os.path.join(previous, "model"), storyboard, sample_dir,
-                    progress=False)
+                    progress=False, overwrite=True)
   video, _ = read_mp4(info["video"])
   truth = toy_toons.render(story)
+  persistence = toy_toons.persistence_score(video, story)
+  reference = toy_toons.persistence_score(truth, story)
   summary["sample"] = {
-      **{k: info[k] for k in ("video", "contact_sheet", "frames", "segments")},
-      "persistence": _metric(toy_toons.persistence_score(video, story)),
+      **{k: os.path.relpath(info[k], workdir) for k in ("video", "contact_sheet")},
+      **{k: info[k] for k in ("frames", "segments")},
+      "persistence": _metric(persistence),
+      "per_segment": {k: persistence[k] for k in ("room", "color", "shape")},
       "text_following": toy_toons.text_following_score(video, story)["mean"],
+      **toy_toons.frame_statistics(video),
       # The same metrics on the held-out story's own rendering: what a perfect model scores.
-      "reference": {"persistence": _metric(toy_toons.persistence_score(truth, story)),
-                    "text_following": toy_toons.text_following_score(truth, story)["mean"]},
+      "reference": {"persistence": _metric(reference),
+                    "text_following": toy_toons.text_following_score(truth, story)["mean"],
+                    **toy_toons.frame_statistics(truth)},
   }
+  summary["sample"]["persistence_plot"] = os.path.relpath(plot_persistence(
+      persistence, os.path.join(sample_dir, "persistence.png")), workdir)
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
-  _log(f"persistence {summary['sample']['persistence']['overall']:.3f} (reference "
-       f"{summary['sample']['reference']['persistence']['overall']:.3f}), text-following "
-       f"{summary['sample']['text_following']:.3f}; video: {info['video']}")
+  s = summary["sample"]
+  _log(f"persistence {s['persistence']['overall']:.3f} (reference "
+       f"{s['reference']['persistence']['overall']:.3f}), text following "
+       f"{s['text_following']:.3f}, flatness {s['flatness']:.3f}, stability "
+       f"{s['stability']:.3f}; video: {info['video']}, numbers: "
+       f"{os.path.join(workdir, 'summary.json')}")
+  _log("sample another storyboard from this model with:\n  " + sample_command(workdir, previous))
   return summary
+
+
+def sample_command(workdir: str, stage_dir: str) -> str:
+  """The `python -m ttt_jax.sample` line for a trained stage, as the user would type it."""
+  rel = lambda p: os.path.relpath(p) if not os.path.relpath(p).startswith("..") else p
+  return (f"python -m ttt_jax.sample --config=configs/saved.py:{rel(stage_dir)} "
+          f"--checkpoint={rel(os.path.join(stage_dir, 'model'))} "
+          f"--storyboard={rel(os.path.join(workdir, 'storyboard.json'))} "
+          f"--out={rel(os.path.join(workdir, 'samples', 'seed1'))} --seed=1")
+
+
+def plot_persistence(score: dict, path: str) -> str:
+  """Writes the per-segment room / colour / shape scores of `persistence_score` as a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 3), dpi=100)
+  segments = np.arange(1, len(score["room"]) + 1)
+  for key, label in (("room", "room"), ("color", "colours"), ("shape", "shapes")):
+    ax.plot(segments, score[key], marker="o", markersize=3, label=label)
+  # Segment 1's text states the facts; every later segment must remember them.
+  ax.axvspan(0.5, 1.5, color="0.9", zorder=0)
+  ax.set(xlabel="segment (3 s each; only segment 1's text states the facts)",
+         ylabel="score", ylim=(-0.05, 1.05), xlim=(0.5, len(segments) + 0.5))
+  ax.legend(loc="lower left", ncol=3, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def _advance(bar, step: int, metrics: dict[str, float]) -> None:
+  bar.n = step  # a resumed stage starts part way
+  bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+  bar.refresh()
 
 
 def _metric(score: dict) -> dict[str, float]:
