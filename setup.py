@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
     # mp4 in and out (sampling, datasets) and PNG contact sheets.
     "imageio-ffmpeg>=0.5",
     "pillow>=10",
+    # Plots the toy job writes (per-segment persistence).
+    "matplotlib>=3.8",
     # Converters read checkpoints without torch; the tokenizer needs sentencepiece.
     "safetensors>=0.4.5",
     "sentencepiece>=0.2",
