@@ -86,8 +86,10 @@ def test_grad_vs_dual_fp32(inner, causal, shape):
 
 @pytest.mark.parametrize("inner", ["mlp", "linear"])
 @pytest.mark.parametrize("impl", ["grad", "dual"])
-def test_outer_gradients_match_finite_differences(x64, inner, impl):
-  """Gradients through the inner loop w.r.t. W0, ln params, eta and inputs (directional FD)."""
+@pytest.mark.parametrize("causal", [False, True])
+def test_outer_gradients_match_finite_differences(x64, inner, impl, causal):
+  """Gradients through the inner loop w.r.t. W0, ln params, eta and inputs (directional FD);
+  impl="dual" runs the hand-derived backward."""
   params, (xq, xk, xv), eta = random_case(inner, jax.random.key(3), batch=1, heads=2, seq=12,
                                           d=4)
   args = (params, xq, xk, xv, eta)
@@ -95,7 +97,7 @@ def test_outer_gradients_match_finite_differences(x64, inner, impl):
 
   def objective(params, xq, xk, xv, eta):
     z, final = ttt_scan(inner, params, xq, xk, xv, eta, mini_batch_size=4, impl=impl,
-                        checkpoint_group_size=2)
+                        causal=causal, checkpoint_group_size=2)
     return jnp.sum(z * probe) + jnp.sum(jnp.sin(final["W1"]))
 
   objective = jax.jit(objective)
@@ -110,6 +112,95 @@ def test_outer_gradients_match_finite_differences(x64, inner, impl):
     analytic = sum(jnp.vdot(g, v) for g, v in zip(jax.tree.leaves(grads[i]),
                                                   jax.tree.leaves(direction)))
     np.testing.assert_allclose(analytic, fd, rtol=1e-6, atol=1e-8, err_msg=f"argument {i}")
+
+
+def _all_gradients(inner, impl, args, mb, causal, group):
+  """Gradients w.r.t. W0, the ln params, xq, xk, xv and eta of a random functional of z and the
+  final weights."""
+  def objective(params, xq, xk, xv, eta):
+    z, final = ttt_scan(inner, params, xq, xk, xv, eta, mini_batch_size=mb, causal=causal,
+                        impl=impl, checkpoint_group_size=group)
+    probe = jnp.cos(jnp.arange(z.size, dtype=z.dtype).reshape(z.shape))
+    return jnp.sum(z * probe) + sum(jnp.sum(jnp.sin(a)) for a in jax.tree.leaves(final))
+
+  return jax.jit(jax.grad(objective, argnums=tuple(range(5))))(*args)
+
+
+def _assert_gradients_close(got, want, tol):
+  """Every entry within tol of the reference, relative to the array's largest entry (or 1)."""
+  names = ("params", "xq", "xk", "xv", "eta")
+  for name, g, w in zip(names, got, want):
+    assert jax.tree.structure(g) == jax.tree.structure(w), name
+    for (path, a), b in zip(jax.tree.leaves_with_path(g), jax.tree.leaves(w)):
+      assert a.dtype == b.dtype, (name, path)
+      scale = max(1.0, float(jnp.max(jnp.abs(b))))
+      np.testing.assert_allclose(a, b, rtol=0, atol=tol * scale, err_msg=f"{name} {path}")
+
+
+# seq 14 with mini-batch 4 pads two tokens; groups of 2 over 4 mini-batches and of 3 (a remainder
+# group of 1) exercise the recompute; None keeps every mini-batch's residuals.
+@pytest.mark.parametrize("inner", ["mlp", "linear"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq,group,per_source_eta", [(14, 2, False), (16, 3, False),
+                                                      (12, None, True)])
+def test_dual_backward_matches_autodiff_float64(x64, inner, causal, seq, group, per_source_eta):
+  """The hand-derived backward (dual.backward) against JAX's autodiff of impl="grad"."""
+  if per_source_eta and not causal:
+    pytest.skip("a per-source eta is causal only")
+  mb = 4
+  params, (xq, xk, xv), eta = random_case(inner, jax.random.key(seq), heads=2, seq=seq, d=4)
+  if per_source_eta:
+    eta = eta[..., None] * jnp.linspace(0.5, 1.5, mb, dtype=eta.dtype)
+  args = (params, xq, xk, xv, eta)
+  _assert_gradients_close(_all_gradients(inner, "dual", args, mb, causal, group),
+                          _all_gradients(inner, "grad", args, mb, causal, group), 1e-10)
+
+
+@pytest.mark.parametrize("inner", ["mlp", "linear"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dual_backward_matches_autodiff_fp32(inner, causal):
+  params, (xq, xk, xv), eta = random_case(inner, jax.random.key(2), seq=30, d=8,
+                                          dtype=jnp.float32, eta_scale=0.05)
+  args = (params, xq, xk, xv, eta)
+  _assert_gradients_close(_all_gradients(inner, "dual", args, 8, causal, 2),
+                          _all_gradients(inner, "grad", args, 8, causal, 2), 1e-5)
+
+
+@pytest.mark.parametrize("inner", ["mlp", "linear"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_matmuls_keep_fp32_state(inner, causal):
+  """matmul_dtype=bf16: bf16 operands, fp32 state and accumulation, forward and backward.
+
+  bf16 keeps 8 bits of mantissa (relative rounding 2^-9 = 2e-3 per operand); through the scan's
+  ~10 matmuls per mini-batch the outputs and gradients stay within 2% (relative norm) of fp32.
+  """
+  params, (xq, xk, xv), eta = random_case(inner, jax.random.key(6), seq=32, d=16,
+                                          dtype=jnp.float32, eta_scale=0.05)
+  args = (params, xq, xk, xv, eta)
+
+  def run(matmul_dtype):
+    f = lambda *a: ttt_scan(inner, *a, mini_batch_size=8, causal=causal, impl="dual",
+                            matmul_dtype=matmul_dtype)
+    out = jax.jit(f)(*args)
+    loss = lambda *a: _functional_of(f(*a))
+    return out, jax.jit(jax.grad(loss, argnums=tuple(range(5))))(*args)
+
+  (z16, final16), grads16 = run(jnp.bfloat16)
+  (z32, final32), grads32 = run(None)
+  assert z16.dtype == jnp.float32 and final16["W1"].dtype == jnp.float32
+  assert grads16[0]["W1"].dtype == jnp.float32
+  rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+  assert 0 < rel(z16, z32) < 0.02  # > 0: the bf16 operands are really used
+  for a, b in zip(jax.tree.leaves((final16, grads16)), jax.tree.leaves((final32, grads32))):
+    assert rel(a, b) < 0.02
+  with pytest.raises(ValueError, match="matmul_dtype"):
+    ttt_scan(inner, *args, mini_batch_size=8, impl="grad", matmul_dtype=jnp.bfloat16)
+
+
+def _functional_of(outputs):
+  z, final = outputs
+  probe = jnp.cos(jnp.arange(z.size, dtype=z.dtype).reshape(z.shape))
+  return jnp.sum(z * probe) + sum(jnp.sum(jnp.sin(a)) for a in jax.tree.leaves(final))
 
 
 @pytest.mark.parametrize("impl", ["grad", "dual"])

@@ -11,17 +11,17 @@ but never updates it.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+# The element-wise math lives once, beside the dual step that the kernels share.
+from ttt_jax.ttt.dual import WEIGHT_KEYS, gelu_tanh, layer_norm
+
 INNER_MODELS = ("linear", "mlp")
-WEIGHT_KEYS = {"linear": ("W1", "b1"), "mlp": ("W1", "b1", "W2", "b2")}
 # The public reference uses 1e-8 inside the inner LayerNorm.
 DEFAULT_EPS = 1e-8
-_GELU_C = math.sqrt(2.0 / math.pi)
 
 Weights = dict[str, jax.Array]
 
@@ -53,37 +53,6 @@ def init_params(inner: str, key: jax.Array, num_heads: int, head_dim: int, *,
   params["ln_weight"] = jnp.ones((num_heads, d), dtype)
   params["ln_bias"] = jnp.zeros((num_heads, d), dtype)
   return params
-
-
-def gelu_tanh(x: jax.Array) -> jax.Array:
-  return 0.5 * x * (1.0 + jnp.tanh(_GELU_C * (x + 0.044715 * x**3)))
-
-
-def gelu_tanh_grad(x: jax.Array) -> jax.Array:
-  """d gelu_tanh / dx, exact constants (the reference rounds them; see golden README)."""
-  u = _GELU_C * (x + 0.044715 * x**3)
-  t = jnp.tanh(u)
-  return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
-
-
-def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-  """LayerNorm over the last axis. x [..., d], weight/bias [d]."""
-  mu = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
-  return (x - mu) * jax.lax.rsqrt(var + eps) * weight + bias
-
-
-def layer_norm_l2_grad(z: jax.Array, target: jax.Array, weight: jax.Array, bias: jax.Array,
-                       eps: float) -> jax.Array:
-  """Gradient of 0.5 * ||LN(z) - target||^2 w.r.t. z, per row. z, target [n, d] -> [n, d]."""
-  d = z.shape[-1]
-  mu = jnp.mean(z, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(z - mu), axis=-1, keepdims=True)
-  inv_std = jax.lax.rsqrt(var + eps)
-  z_hat = (z - mu) * inv_std
-  grad_z_hat = (weight * z_hat + bias - target) * weight
-  return inv_std / d * (d * grad_z_hat - jnp.sum(grad_z_hat, axis=-1, keepdims=True)
-                        - z_hat * jnp.sum(grad_z_hat * z_hat, axis=-1, keepdims=True))
 
 
 def f_res(inner: str, w: Weights, x: jax.Array) -> jax.Array:

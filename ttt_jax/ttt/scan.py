@@ -5,24 +5,31 @@ For mini-batch i with tokens T_i (see ../shared/PAPER.md, "TTT layer"):
   non-causal (video):  z_t = xq_t + LN(f_res(xq_t; W_i))
   causal (LM):         z_t = xq_t + LN(f_res(xq_t; W_{i-1} - sum_{s in T_i, s<=t} eta_ts grad l_s(W_{i-1})))
 
-Two implementations that return the same numbers:
+Implementations that return the same numbers:
   impl="grad": the design card's form. lax.scan over mini-batches, inner gradient by jax.grad of the
-    inner loss; the causal variant materialises one weight set per token (readable, not fast).
-  impl="dual": the inner gradient written out by hand (LN+L2 backward, GELU backward) as matmuls;
-    the causal variant uses the triangular "dual form" and never materialises per-token weights.
+    inner loss; the causal variant materialises one weight set per token (readable, not fast). Its
+    outer gradients are JAX's autodiff: the reference for the others.
+  impl="dual": the step of dual.py (inner gradient by hand, as matmuls; causal by the triangular
+    "dual form", never materialising per-token weights) under lax.scan, with a custom_vjp whose
+    backward is dual.backward: mini-batches in reverse, carrying the cotangent of W_i, recomputing
+    one checkpoint group at a time from the weights saved at group starts.
+  impl="dual_autodiff": the same forward, differentiated by JAX through the scan and jax.checkpoint
+    (the backward before dual.backward existed; bench/ttt_layer.py measures against it).
   impl="pallas": the fused kernels of pallas_kernels/ (same semantics, see that package).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from ttt_jax.ttt import dual
 from ttt_jax.ttt import inner as inner_lib
 
-IMPLS = ("grad", "dual", "pallas")
+IMPLS = ("grad", "dual", "dual_autodiff", "pallas")
 # The paper checkpoints every 16 mini-batches for TTT-MLP in training.
 DEFAULT_CHECKPOINT_GROUP_SIZE = 16
 
@@ -48,35 +55,119 @@ def _step_grad(inner: str, causal: bool, eps: float, ln_w: jax.Array, ln_b: jax.
   return w_new, z
 
 
-def _step_dual(inner: str, causal: bool, eps: float, ln_w: jax.Array, ln_b: jax.Array,
-               w: inner_lib.Weights, xs: tuple[jax.Array, ...]):
-  """One mini-batch, gradients by hand. Shapes as `_step_grad`."""
-  xq, xk, xv, eta = xs
-  target = xv - xk
-  z1 = xk @ w["W1"] + w["b1"]
-  if inner == "mlp":
-    x2 = inner_lib.gelu_tanh(z1)
-    grad_z2 = inner_lib.layer_norm_l2_grad(x2 @ w["W2"] + w["b2"], target, ln_w, ln_b, eps)
-    grad_z1 = (grad_z2 @ w["W2"].T) * inner_lib.gelu_tanh_grad(z1)
-  else:
-    grad_z1 = inner_lib.layer_norm_l2_grad(z1, target, ln_w, ln_b, eps)
-  # The final weights of the mini-batch take every token's step with the last token's row of eta.
-  eta_last = (eta[-1] if causal else eta)[:, None]
-  w_new = {"W1": w["W1"] - xk.T @ (eta_last * grad_z1),
-           "b1": w["b1"] - jnp.sum(eta_last * grad_z1, axis=0, keepdims=True)}
-  if inner == "mlp":
-    w_new["W2"] = w["W2"] - x2.T @ (eta_last * grad_z2)
-    w_new["b2"] = w["b2"] - jnp.sum(eta_last * grad_z2, axis=0, keepdims=True)
-  if causal:
-    # z_bar_t = xq_t W_t + b_t with W_t = W - sum_s eta_ts x_s^T g_s, b_t = b - sum_s eta_ts g_s:
-    # the (xq_t . x_s + 1) kernel, masked by eta_ts, replaces the per-token weights.
-    z_bar = xq @ w["W1"] + w["b1"] - (eta * (xq @ xk.T + 1.0)) @ grad_z1
-    if inner == "mlp":
-      x2_bar = inner_lib.gelu_tanh(z_bar)
-      z_bar = x2_bar @ w["W2"] + w["b2"] - (eta * (x2_bar @ x2.T + 1.0)) @ grad_z2
-  else:
-    z_bar = inner_lib.f_res(inner, w_new, xq)
-  return w_new, xq + inner_lib.layer_norm(z_bar, ln_w, ln_b, eps)
+def _mini_batches(xq, xk, xv, eta, causal: bool) -> dual.MiniBatch:
+  """The dual step's inputs, stacked over mini-batches: eta [n, b] or causal [n, b, b] (masked)."""
+  if not causal:
+    return dual.MiniBatch(xq, xk, xv, eta[..., None], None)
+  # The final weights of a mini-batch take every token's step with the last token's row of eta.
+  return dual.MiniBatch(xq, xk, xv, eta[..., -1, :, None], eta)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DualConfig:
+  """Static arguments of the dual scan (hashable: they key its custom_vjp)."""
+  inner: str
+  eps: float
+  group_size: int | None
+  matmul_dtype: str
+  state_dtype: str
+
+  @property
+  def dots(self) -> dual.Dots:
+    return dual.Dots(jnp.dtype(self.matmul_dtype), jnp.dtype(self.state_dtype))
+
+  def forward(self, w, ln_w, ln_b, mb):
+    return dual.forward(self.inner, w, ln_w, ln_b, mb, eps=self.eps, dots=self.dots)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dual_scan(cfg: _DualConfig, w0: inner_lib.Weights, ln_w: jax.Array, ln_b: jax.Array,
+               xs: dual.MiniBatch) -> tuple[inner_lib.Weights, jax.Array]:
+  """impl="dual" for one head: (final weights, z [n, b, d]); xs stacked over n mini-batches."""
+  return jax.lax.scan(lambda w, mb: cfg.forward(w, ln_w, ln_b, mb)[:2], w0, xs)
+
+
+def _forward_collect(cfg: _DualConfig, w0, ln_w, ln_b, xs):
+  """The scan, also returning the weights before each mini-batch and its residuals, stacked."""
+  def body(w, mb):
+    w_new, z, res = cfg.forward(w, ln_w, ln_b, mb)
+    return w_new, (z, w, res)
+  w_end, (z, ws, res) = jax.lax.scan(body, w0, xs)
+  return w_end, z, ws, res
+
+
+def _backprop(cfg: _DualConfig, ws, w_end, res, ln_w, ln_b, xs, dz, carry):
+  """Walks mini-batches in reverse through `dual.backward`; carry = (dW, d ln_w, d ln_b)."""
+  # The weights after mini-batch i are those before i + 1.
+  w_after = jax.tree.map(lambda s, e: jnp.concatenate([s[1:], e[None]]), ws, w_end)
+
+  def body(carry, inputs):
+    dw, d_lnw, d_lnb = carry
+    w, w_new, r, mb, dz_i = inputs
+    dw, a, b, d_mb = dual.backward(cfg.inner, w, w_new, ln_w, ln_b, mb, r, dw, dz_i,
+                                   dots=cfg.dots)
+    return (dw, d_lnw + a, d_lnb + b), d_mb
+
+  return jax.lax.scan(body, carry, (ws, w_after, res, xs, dz), reverse=True)
+
+
+def _split_groups(tree, g: int):
+  """[n, ...] leaves -> ([n // g, g, ...], [n % g, ...])."""
+  n = jax.tree.leaves(tree)[0].shape[0]
+  n_full = n // g
+  full = jax.tree.map(lambda a: a[:n_full * g].reshape(n_full, g, *a.shape[1:]), tree)
+  return full, jax.tree.map(lambda a: a[n_full * g:], tree)
+
+
+def _dual_scan_fwd(cfg, w0, ln_w, ln_b, xs):
+  if cfg.group_size is None:
+    final, z, ws, res = _forward_collect(cfg, w0, ln_w, ln_b, xs)
+    return (final, z), (ln_w, ln_b, xs, (ws, final, res))
+  # Keep only the weights at group starts; the backward recomputes one group at a time.
+  full, tail = _split_groups(xs, min(cfg.group_size, xs.xq.shape[0]))
+  step = lambda w, mb: cfg.forward(w, ln_w, ln_b, mb)[:2]
+
+  def group(w, xg):
+    w_end, z = jax.lax.scan(step, w, xg)
+    return w_end, (z, w)
+
+  w, (z, ckpts) = jax.lax.scan(group, w0, full)
+  z = z.reshape(-1, *z.shape[2:])
+  w_tail = w
+  if tail.xq.shape[0]:
+    w, z_tail = jax.lax.scan(step, w, tail)
+    z = jnp.concatenate([z, z_tail])
+  return (w, z), (ln_w, ln_b, xs, (ckpts, w_tail))
+
+
+def _dual_scan_bwd(cfg, saved, cotangents):
+  ln_w, ln_b, xs, rest = saved
+  dw, dz = cotangents
+  carry = (dw, jnp.zeros_like(ln_w), jnp.zeros_like(ln_b))
+  if cfg.group_size is None:
+    ws, final, res = rest
+    (dw, d_lnw, d_lnb), dxs = _backprop(cfg, ws, final, res, ln_w, ln_b, xs, dz, carry)
+    return dw, d_lnw, d_lnb, dxs
+
+  def group(carry, inputs):
+    w_start, xg, dzg = inputs
+    w_end, _, ws, res = _forward_collect(cfg, w_start, ln_w, ln_b, xg)
+    return _backprop(cfg, ws, w_end, res, ln_w, ln_b, xg, dzg, carry)
+
+  ckpts, w_tail = rest
+  full, tail = _split_groups(xs, min(cfg.group_size, xs.xq.shape[0]))
+  dz_full, dz_tail = _split_groups(dz, min(cfg.group_size, xs.xq.shape[0]))
+  dxs_tail = None
+  if tail.xq.shape[0]:
+    carry, dxs_tail = group(carry, (w_tail, tail, dz_tail))
+  (dw, d_lnw, d_lnb), dxs = jax.lax.scan(group, carry, (ckpts, full, dz_full), reverse=True)
+  dxs = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), dxs)
+  if dxs_tail is not None:
+    dxs = jax.tree.map(lambda a, t: jnp.concatenate([a, t]), dxs, dxs_tail)
+  return dw, d_lnw, d_lnb, dxs
+
+
+_dual_scan.defvjp(_dual_scan_fwd, _dual_scan_bwd)
 
 
 def _scan_groups(step, w0, xs, group_size: int | None):
@@ -130,7 +221,8 @@ def _check_inputs(inner, params, xq, xk, xv, eta, mini_batch_size, causal, impl)
 def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.Array,
              eta: jax.Array, *, mini_batch_size: int, causal: bool = False, impl: str = "grad",
              checkpoint_group_size: int | None = DEFAULT_CHECKPOINT_GROUP_SIZE,
-             eps: float = inner_lib.DEFAULT_EPS) -> tuple[jax.Array, Params]:
+             eps: float = inner_lib.DEFAULT_EPS,
+             matmul_dtype: Any = None) -> tuple[jax.Array, Params]:
   """Runs mini-batch TTT over a sequence for every (batch, head).
 
   Args:
@@ -145,10 +237,13 @@ def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.A
     mini_batch_size: tokens per inner step. A seq that is not a multiple is padded with eta = 0
       tokens (which leave the weights unchanged) and the padding is trimmed from z.
     causal: within-mini-batch causal read-out (language models) instead of W_i for all (video).
-    impl: "grad", "dual" or "pallas" (same numbers).
+    impl: "grad", "dual", "dual_autodiff" or "pallas" (same numbers; see the module docstring).
     checkpoint_group_size: rematerialise every this many mini-batches in the backward pass;
       None stores every mini-batch's residuals.
     eps: inner LayerNorm epsilon (the reference uses 1e-8).
+    matmul_dtype: operand dtype of the inner matmuls for the dual and pallas impls, e.g.
+      jnp.bfloat16 (the MXU's and tensor cores' rate); the inner state, the statistics and the
+      accumulation stay in the state dtype. None: the state dtype.
 
   Returns:
     z: [batch, heads, seq, head_dim] in xq's dtype.
@@ -156,6 +251,9 @@ def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.A
       W1 [batch, heads, d, h], b1 [batch, heads, 1, h], ... (float32, or float64 for float64 input).
   """
   _check_inputs(inner, params, xq, xk, xv, eta, mini_batch_size, causal, impl)
+  if matmul_dtype is not None and impl == "grad":
+    raise ValueError("matmul_dtype needs impl='dual', 'dual_autodiff' or 'pallas'; impl='grad' "
+                     "is the full-precision reference")
   batch, heads, seq, d = xq.shape
   out_dtype = xq.dtype
   # fp32 inner state and statistics for bf16/fp16 input; float64 stays float64.
@@ -173,6 +271,8 @@ def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.A
   if impl == "pallas":
     # Imported here: the kernels are optional at import time and pull in Pallas.
     from pallas_kernels import ttt_scan_pallas
+    # The kernels take their matmul operands in xq's dtype.
+    xq, xk, xv = (a.astype(matmul_dtype or dtype) for a in (xq, xk, xv))
     z, final = ttt_scan_pallas(inner, params, xq, xk, xv, eta, mini_batch_size=mini_batch_size,
                                causal=causal, checkpoint_group_size=checkpoint_group_size,
                                eps=eps)
@@ -189,12 +289,19 @@ def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.A
     eta = eta.reshape(batch, heads, n_mb, b)
   to_mb = lambda a: a.reshape(batch, heads, n_mb, b, d)
   xq, xk, xv = map(to_mb, (xq, xk, xv))
-  step_fn = {"grad": _step_grad, "dual": _step_dual}[impl]
   w0 = {k: params[k] for k in inner_lib.WEIGHT_KEYS[inner]}
 
   def per_head(w, ln_w, ln_b, q, k, v, e):
-    step = functools.partial(step_fn, inner, causal, eps, ln_w, ln_b)
-    return _scan_groups(step, w, (q, k, v, e), checkpoint_group_size)
+    if impl == "grad":
+      step = functools.partial(_step_grad, inner, causal, eps, ln_w, ln_b)
+      return _scan_groups(step, w, (q, k, v, e), checkpoint_group_size)
+    cfg = _DualConfig(inner, float(eps), checkpoint_group_size,
+                      jnp.dtype(matmul_dtype or dtype).name, jnp.dtype(dtype).name)
+    xs = _mini_batches(q, k, v, e, causal)
+    if impl == "dual":
+      return _dual_scan(cfg, w, ln_w, ln_b, xs)
+    step = lambda w_, mb: cfg.forward(w_, ln_w, ln_b, mb)[:2]
+    return _scan_groups(step, w, xs, checkpoint_group_size)
 
   over_heads = jax.vmap(per_head, in_axes=(0, 0, 0, 0, 0, 0, 0))
   over_batch = jax.vmap(over_heads, in_axes=(None, None, None, 0, 0, 0, 0))
