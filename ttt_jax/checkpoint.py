@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 
 def _flat_keys(tree: Any) -> set[str]:
@@ -173,9 +174,15 @@ def restore_newest(mngr: ocp.CheckpointManager, args: ocp.args.Composite,
       return step, mngr.restore(step, args=args), skipped
     except _Mismatch as e:
       raise ValueError(str(e)) from None
+    except PermissionError:  # the checkpoint may be whole; the user must fix the access
+      raise
     except (ValueError, OSError) as e:  # TensorStore, JSON and file errors: a damaged step
       reason = " ".join(str(e).split())[:300]
-      moved = _move_aside(step_dir, aside_dir)
+      moved = os.path.join(aside_dir, str(step))
+      if jax.process_index() == 0:  # one host moves it; the others wait (untested: one host here)
+        moved = _move_aside(step_dir, aside_dir)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"checkpoint step {step} moved aside")
       skipped.append(f"checkpoint step {step} does not restore ({type(e).__name__}: {reason}); "
                      f"moved to {moved}")
       logging.warning("%s", skipped[-1])
