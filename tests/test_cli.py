@@ -176,3 +176,13 @@ def test_one_line_joins_a_multi_line_message():
   error = ValueError("does not fit:\n  missing: ['a']\n  unexpected: []")
   assert cli.one_line(error) == "does not fit: missing: ['a'] unexpected: []"
   assert cli.one_line(RuntimeError()) == "RuntimeError"
+
+
+def test_sample_takes_a_finished_training_workdir_for_its_model(tmp_path):
+  from ttt_jax.sample import resolve_checkpoint  # pylint: disable=g-import-not-at-top
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "model" / "params").mkdir(parents=True)
+  assert resolve_checkpoint(str(tmp_path)) == str(tmp_path / "model")
+  assert resolve_checkpoint(str(tmp_path / "model")) == str(tmp_path / "model")
+  with pytest.raises(ValueError, match="expected a model folder with params/ and config.json"):
+    resolve_checkpoint(str(tmp_path / "checkpoints"))
