@@ -1,8 +1,8 @@
 """Fused Pallas kernels for the TTT inner loop (TTT-MLP and TTT-Linear).
 
 `ttt_scan_pallas` has the semantics of `ttt_jax.ttt.ttt_scan` (which calls it for impl="pallas");
-this package must not import ttt_jax. Kernels: common.py (forward and backward scans, custom_vjp),
-the inner models: ttt_mlp.py, ttt_linear.py.
+of ttt_jax this package imports only ttt_jax/ttt/dual.py (pure jax: the step and its backward).
+Kernels: common.py (forward and backward scans, custom_vjp).
 """
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import common, ttt_linear, ttt_mlp
-
-_INNER = {"linear": ttt_linear, "mlp": ttt_mlp}
+from pallas_kernels import common
+from ttt_jax.ttt import dual
 
 
 def _eta_inputs(eta: jax.Array, causal: bool, mini_batch_size: int, dtype) -> list[jax.Array]:
@@ -63,9 +62,9 @@ def ttt_scan_pallas(inner: str, params: dict[str, jax.Array], xq: jax.Array, xk:
     z [batch, heads, seq, head_dim] in xq's dtype, and the final inner weights (keys of params
     minus ln_*), each [batch, heads, ...] in the state dtype (float32, or float64 for float64).
   """
-  if inner not in _INNER:
-    raise ValueError(f"inner must be one of {tuple(_INNER)}, got {inner!r}")
-  module = _INNER[inner]
+  if inner not in dual.WEIGHT_KEYS:
+    raise ValueError(f"inner must be one of {tuple(dual.WEIGHT_KEYS)}, got {inner!r}")
+  weight_keys = dual.WEIGHT_KEYS[inner]
   if xq.ndim != 4 or xq.shape != xk.shape or xq.shape != xv.shape:
     raise ValueError(f"xq, xk, xv must be [batch, heads, seq, head_dim]; got {xq.shape}, "
                      f"{xk.shape}, {xv.shape}")
@@ -83,17 +82,17 @@ def ttt_scan_pallas(inner: str, params: dict[str, jax.Array], xq: jax.Array, xk:
   n_mb = seq // b
   platform, interpret_arg = common.kernel_platform(interpret)
   cfg = common.ScanConfig(
-      step=module.step, weight_keys=module.WEIGHT_KEYS, causal=causal, eps=float(eps),
+      inner=inner, causal=causal, eps=float(eps),
       mini_batch_size=b, group_size=min(checkpoint_group_size or 1, n_mb),
       platform=platform, interpret=interpret_arg,
       mxu_dtype=jnp.dtype(xq.dtype).name)
-  w0 = tuple(params[k].astype(state_dtype) for k in module.WEIGHT_KEYS)
+  w0 = tuple(params[k].astype(state_dtype) for k in weight_keys)
   ln_w, ln_b = (params[k].astype(state_dtype).reshape(heads, 1, d)
                 for k in ("ln_weight", "ln_bias"))
   xs = (xq, xk.astype(xq.dtype), xv.astype(xq.dtype),
         *_eta_inputs(eta, causal, b, state_dtype))
   z, final = common.fused_scan(cfg, w0, ln_w, ln_b, xs)
-  return z, dict(zip(module.WEIGHT_KEYS, final))
+  return z, dict(zip(weight_keys, final))
 
 
 __all__ = ["ttt_scan_pallas"]

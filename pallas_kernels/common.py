@@ -3,13 +3,13 @@
 One kernel program per (batch, head). The head's inner weights stay on chip (loop carry) for the
 whole scan over mini-batches; the kernel reads one mini-batch of xq/xk/xv/eta at a time and writes
 only z, the final weights and (for the backward) the weights at every `group_size`-th mini-batch
-boundary. The inner model is a `StepFn` (ttt_mlp.step, ttt_linear.step): one mini-batch of TTT as
-plain array code, so the same function runs inside the forward kernel and, under `jax.vjp`, inside
-the backward kernel.
+boundary. The math of a mini-batch is not here: it is ttt_jax/ttt/dual.py (`dual.forward`, the
+step, and `dual.backward`, its hand-derived backward), the same functions that impl="dual" of
+ttt_scan runs under lax.scan. These kernels add the grid, the BlockSpecs and the DMAs.
 
 Backward kernel, per (batch, head), in reverse group order: recompute the group's per-mini-batch
 weights from its checkpoint into a workspace, then walk the group backwards, pulling the cotangent
-of the weights and of z through `jax.vjp(step)` of each mini-batch. It returns the gradients of
+of the weights and of z through `dual.backward` of each mini-batch. It returns the gradients of
 xq, xk, xv, eta, of W0 and of the LayerNorm per (batch, head); the caller sums them over batch.
 
 Layout inside the kernels (the batch and head axes are squeezed away by the BlockSpecs):
@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,141 +38,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltr
 
-Weights = dict[str, jax.Array]
-_GELU_C = math.sqrt(2.0 / math.pi)
-
-
-class MiniBatch(NamedTuple):
-  """One mini-batch of b tokens: xq, xk, xv [b, d]; eta_col [b, 1]; eta_mat [b, b] or None."""
-  xq: jax.Array
-  xk: jax.Array
-  xv: jax.Array
-  eta_col: jax.Array
-  eta_mat: jax.Array | None
-
-
-_NN, _TN, _NT = ((1,), (0,)), ((0,), (0,)), ((1,), (1,))
-
-
-def _dot(a: jax.Array, b: jax.Array, contract, mxu: Any, acc: Any) -> jax.Array:
-  return jax.lax.dot_general(a.astype(mxu), b.astype(mxu), (contract, ((), ())),
-                             preferred_element_type=acc)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _dot_for_vjp(a, b, contract, mxu, acc):
-  return _dot(a, b, contract, mxu, acc)
-
-
-def _dot_for_vjp_fwd(a, b, contract, mxu, acc):
-  return _dot(a, b, contract, mxu, acc), (a, b)
-
-
-def _dot_for_vjp_bwd(contract, mxu, acc, res, ct):
-  # Both backward matmuls again take operands in the MXU dtype and accumulate in `acc`. JAX's own
-  # transpose of a bf16 dot with an fp32 result multiplies fp32 by bf16 (Triton rejects that) or
-  # accumulates in bf16 (Mosaic rejects that).
-  a, b = res
-  if contract == _NN:  # y = a b
-    da, db = _dot(ct, b, _NT, mxu, acc), _dot(a, ct, _TN, mxu, acc)
-  elif contract == _TN:  # y = a^T b
-    da, db = _dot(b, ct, _NT, mxu, acc), _dot(a, ct, _NN, mxu, acc)
-  else:  # y = a b^T
-    da, db = _dot(ct, b, _NN, mxu, acc), _dot(ct, a, _TN, mxu, acc)
-  return da.astype(a.dtype), db.astype(b.dtype)
-
-
-_dot_for_vjp.defvjp(_dot_for_vjp_fwd, _dot_for_vjp_bwd)
-
-
-@dataclasses.dataclass(frozen=True)
-class Dots:
-  """Matmuls with operands in the input dtype (bf16 on the MXU) and accumulation in `acc`.
-
-  for_vjp: the backward kernel differentiates the step; its matmuls then carry their own
-  transposes. The forward kernel uses plain dots (Triton cannot lower custom_vjp calls).
-  """
-  mxu: Any
-  acc: Any
-  for_vjp: bool = False
-
-  def _dot(self, a, b, contract):
-    return (_dot_for_vjp if self.for_vjp else _dot)(a, b, contract, self.mxu, self.acc)
-
-  def nn(self, a: jax.Array, b: jax.Array) -> jax.Array:
-    """a @ b."""
-    return self._dot(a, b, _NN)
-
-  def tn(self, a: jax.Array, b: jax.Array) -> jax.Array:
-    """a.T @ b, without materialising the transpose."""
-    return self._dot(a, b, _TN)
-
-  def nt(self, a: jax.Array, b: jax.Array) -> jax.Array:
-    """a @ b.T, without materialising the transpose."""
-    return self._dot(a, b, _NT)
-
-
-class StepFn(Protocol):
-
-  def __call__(self, w: Weights, ln_w: jax.Array, ln_b: jax.Array, mb: MiniBatch, *,
-               eps: float, dots: Dots) -> tuple[Weights, jax.Array]:
-    """One mini-batch: returns (weights after the mini-batch, z [b, d])."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Math shared by the inner models (arrays of one head, one mini-batch).
-
-
-def gelu_tanh(x: jax.Array) -> jax.Array:
-  return 0.5 * x * (1.0 + jnp.tanh(_GELU_C * (x + 0.044715 * x**3)))
-
-
-def gelu_tanh_grad(x: jax.Array) -> jax.Array:
-  t = jnp.tanh(_GELU_C * (x + 0.044715 * x**3))
-  return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
-
-
-def _normalise(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-  mu = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
-  inv_std = jax.lax.rsqrt(var + eps)
-  return (x - mu) * inv_std, inv_std
-
-
-def layer_norm(x: jax.Array, ln_w: jax.Array, ln_b: jax.Array, eps: float) -> jax.Array:
-  """LayerNorm over the last axis. x [n, d]; ln_w, ln_b [1, d]."""
-  return _normalise(x, eps)[0] * ln_w + ln_b
-
-
-def layer_norm_l2_grad(z: jax.Array, target: jax.Array, ln_w: jax.Array, ln_b: jax.Array,
-                       eps: float) -> jax.Array:
-  """d/dz of 0.5 * ||LN(z) - target||^2, row by row. z, target [n, d] -> [n, d]."""
-  d = z.shape[-1]
-  z_hat, inv_std = _normalise(z, eps)
-  g_hat = (ln_w * z_hat + ln_b - target) * ln_w
-  return inv_std / d * (d * g_hat - jnp.sum(g_hat, axis=-1, keepdims=True)
-                        - z_hat * jnp.sum(g_hat * z_hat, axis=-1, keepdims=True))
-
-
-def sgd_update(w: jax.Array, b: jax.Array, x: jax.Array, grad: jax.Array, eta_col: jax.Array,
-               dots: Dots) -> tuple[jax.Array, jax.Array]:
-  """One inner step of a layer y = x @ w + b: w - x^T (eta * grad), b - sum_t eta_t grad_t.
-
-  x [b, n_in], grad [b, n_out] (the gradient w.r.t. y), eta_col [b, 1].
-  """
-  scaled = eta_col * grad
-  return w - dots.tn(x, scaled), b - jnp.sum(scaled, axis=0, keepdims=True)
-
-
-def dual_readout(x: jax.Array, x_src: jax.Array, w: jax.Array, b: jax.Array, grad: jax.Array,
-                 eta_mat: jax.Array, dots: Dots) -> jax.Array:
-  """Causal read-out x_t @ W_t + b_t of a layer, with W_t = w - sum_s eta_ts x_src_s^T grad_s.
-
-  The per-token weights are never formed: (x_t . x_src_s + 1), masked by eta_ts, multiplies the
-  gradients instead. x [b, n_in] (read-out inputs), x_src [b, n_in], grad [b, n_out],
-  eta_mat [b, b].
-  """
-  return dots.nn(x, w) + b - dots.nn(eta_mat * (dots.nt(x, x_src) + 1.0), grad)
+# The step and its backward, written once for the XLA scan and these kernels (pure jax).
+from ttt_jax.ttt import dual
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,8 +49,7 @@ def dual_readout(x: jax.Array, x_src: jax.Array, w: jax.Array, b: jax.Array, gra
 @dataclasses.dataclass(frozen=True)
 class ScanConfig:
   """Static description of one scan (hashable: it keys the custom_vjp and the kernels)."""
-  step: StepFn
-  weight_keys: tuple[str, ...]
+  inner: str  # "mlp" or "linear": the inner model of dual.forward
   causal: bool
   eps: float
   mini_batch_size: int
@@ -201,8 +66,12 @@ class ScanConfig:
     """Whether streamed arrays stay in HBM and are copied slice by slice (the TPU kernels)."""
     return self.platform in ("tpu", "tpu_interpret")
 
-  def dots(self, acc_dtype, for_vjp: bool = False) -> Dots:
-    return Dots(jnp.dtype(self.mxu_dtype), acc_dtype, for_vjp)
+  @property
+  def weight_keys(self) -> tuple[str, ...]:
+    return dual.WEIGHT_KEYS[self.inner]
+
+  def dots(self, acc_dtype) -> dual.Dots:
+    return dual.Dots(jnp.dtype(self.mxu_dtype), acc_dtype)
 
 
 # Arrays that grow with the sequence (x, z and their gradients, checkpoints, the backward's
@@ -251,11 +120,12 @@ def _rows(i: jax.Array, b: int) -> tuple[Any, slice]:
   return pl.ds(pl.multiple_of(i * b, b), b), slice(None)
 
 
-def _mini_batch(x_refs: tuple[Any, ...], i: jax.Array, cfg: ScanConfig, dtype) -> MiniBatch:
+def _mini_batch(x_refs: tuple[Any, ...], i: jax.Array, cfg: ScanConfig,
+                dtype) -> dual.MiniBatch:
   """Reads mini-batch i from the streamed (xq, xk, xv, eta_col[, eta_mat]) refs, as `dtype`."""
   rows = _rows(i, cfg.mini_batch_size)
   vals = [_load(ref, rows, cfg.dma).astype(dtype) for ref in x_refs]
-  return MiniBatch(*vals, *([None] * (5 - len(vals))))
+  return dual.MiniBatch(*vals, *([None] * (5 - len(vals))))
 
 
 def _store_tree(refs: tuple[Any, ...], index: Any, tree: tuple[jax.Array, ...],
@@ -271,11 +141,26 @@ def _split(refs: tuple[Any, ...], *sizes: int) -> list[tuple[Any, ...]]:
 
 
 def _step(cfg: ScanConfig, dtype, w: tuple[jax.Array, ...], ln_w: jax.Array, ln_b: jax.Array,
-          mb: MiniBatch, for_vjp: bool = False) -> tuple[tuple[jax.Array, ...], jax.Array]:
-  """cfg.step on weights as a tuple in cfg.weight_keys order."""
-  w_new, z = cfg.step(dict(zip(cfg.weight_keys, w)), ln_w, ln_b, mb, eps=cfg.eps,
-                      dots=cfg.dots(dtype, for_vjp))
+          mb: dual.MiniBatch) -> tuple[tuple[jax.Array, ...], jax.Array]:
+  """dual.step on weights as a tuple in cfg.weight_keys order."""
+  w_new, z = dual.step(cfg.inner, dict(zip(cfg.weight_keys, w)), ln_w, ln_b, mb, eps=cfg.eps,
+                       dots=cfg.dots(dtype))
   return tuple(w_new[k] for k in cfg.weight_keys), z
+
+
+def _step_backward(cfg: ScanConfig, dtype, w: tuple[jax.Array, ...], ln_w: jax.Array,
+                   ln_b: jax.Array, mb: dual.MiniBatch, dw_new: tuple[jax.Array, ...],
+                   dz: jax.Array):
+  """dual.backward of one mini-batch, its forward recomputed from the weights before it.
+
+  Returns (dW before the mini-batch as a tuple, d ln_w, d ln_b, MiniBatch of input cotangents).
+  """
+  keys, dots = cfg.weight_keys, cfg.dots(dtype)
+  w = dict(zip(keys, w))
+  w_new, _, res = dual.forward(cfg.inner, w, ln_w, ln_b, mb, eps=cfg.eps, dots=dots)
+  dw, d_lnw, d_lnb, d_mb = dual.backward(cfg.inner, w, w_new, ln_w, ln_b, mb, res,
+                                         dict(zip(keys, dw_new)), dz, dots=dots)
+  return tuple(dw[k] for k in keys), d_lnw, d_lnb, d_mb
 
 
 def _forward_kernel(*refs, cfg: ScanConfig, n_mb: int, save_checkpoints: bool):
@@ -313,7 +198,6 @@ def _backward_kernel(*refs, cfg: ScanConfig, n_mb: int):
   b, g = cfg.mini_batch_size, cfg.group_size
   n_groups = -(-n_mb // g)
   ln_w, ln_b = lnw_ref[...].astype(dtype), lnb_ref[...].astype(dtype)
-  step_for_vjp = functools.partial(_step, cfg, dtype, for_vjp=True)
 
   def group_body(rev, carry):
     grp = n_groups - 1 - rev
@@ -331,8 +215,9 @@ def _backward_kernel(*refs, cfg: ScanConfig, n_mb: int):
       dw, dln_w, dln_b = carry
       i = start + count - 1 - rev_j
       w = tuple(_load(ref, i - start, dma).astype(dtype) for ref in work_refs)
-      _, pull = jax.vjp(step_for_vjp, w, ln_w, ln_b, _mini_batch(x_refs, i, cfg, dtype))
-      dw, d_lnw, d_lnb, d_mb = pull((dw, _load(dz_ref, _rows(i, b), dma).astype(dtype)))
+      dw, d_lnw, d_lnb, d_mb = _step_backward(cfg, dtype, w, ln_w, ln_b,
+                                              _mini_batch(x_refs, i, cfg, dtype), dw,
+                                              _load(dz_ref, _rows(i, b), dma).astype(dtype))
       _store_tree(dx_refs, _rows(i, b), d_mb, dma)
       return dw, dln_w + d_lnw, dln_b + d_lnb
 
