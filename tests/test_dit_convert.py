@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from ttt_jax import convert
 from ttt_jax.models import dit_convert
-from ttt_jax.models.dit import DiTConfig
+from ttt_jax.models.dit import DiT, DiTConfig
 from test_dit import probe_factory  # pylint: disable=g-bad-import-order
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
@@ -258,3 +258,17 @@ def test_sharded_bf16_checkpoint(tmp_path):
   assert sorted(state) == names
   for k in names:
     np.testing.assert_array_equal(np.asarray(state[k], np.float32), sd[k].float().numpy())
+
+
+def test_learned_positional_table_starts_as_diffusers_does():
+  """Before training, the learned table is diffusers' own initial value: zeros on the text
+  rows, the 3D sin-cos table on the video rows (the toy job trains it from there)."""
+  torch.manual_seed(0)
+  ref = CogVideoXTransformer3DModel(**{**TINY, "use_learned_positional_embeddings": True})
+  want = ref.patch_embed.pos_embedding.detach().numpy()[0]
+  ours = DiT(DiTConfig(
+      num_heads=2, head_dim=16, in_channels=4, out_channels=4, text_embed_dim=16,
+      time_embed_dim=8, num_layers=1, sample_frames=9, sample_height=4, sample_width=6,
+      max_text_seq_length=3, use_learned_positional_embeddings=True), rngs=nnx.Rngs(0))
+  assert want.shape == (3 + 2 * 3 * 3, 32) and np.abs(want[3:]).max() > 0.5
+  np.testing.assert_allclose(np.asarray(ours.pos_embedding[...]), want, atol=1e-6)

@@ -280,8 +280,11 @@ class _Context:
 def default_mixer_factory(cfg: DiTConfig, rngs: nnx.Rngs) -> nnx.Module | None:
   """`ttt_jax.mixers.build_mixer` for cfg.mixer (imported here: mixers sit below models)."""
   from ttt_jax.mixers import build_mixer  # pylint: disable=g-import-not-at-top
+  # The model's compute dtype, unless the options pick the mixer's own; every mixer keeps its
+  # recurrent state (TTT's inner weights, SSM/delta-rule states) in float32 regardless.
+  options = {"dtype": cfg.dtype, **dict(cfg.mixer_options)}
   return build_mixer(cfg.mixer, cfg.width, cfg.mixer_heads or cfg.num_heads, rngs=rngs,
-                     **dict(cfg.mixer_options))
+                     **options)
 
 
 class DiTBlock(nnx.Module):
@@ -318,14 +321,17 @@ class DiTBlock(nnx.Module):
     normed, gate = self.norm1(x, temb, ctx.is_text)
     h = self._attend(normed, ctx)
     if self.mixer is not None:
-      tanh_gate = lambda g: select_by_type(ctx.is_text, jnp.tanh(g[1]), jnp.tanh(g[0]))
-      h = h + tanh_gate(self.alpha[...]) * self.mixer(h, rope=ctx.mixer_rope)
+      # The float32 gate parameters are cast to the compute dtype, so that they do not promote
+      # a bf16 residual stream to float32 (the layer scan's carry keeps one dtype).
+      tanh_gate = lambda g: select_by_type(ctx.is_text, jnp.tanh(g[1]),
+                                           jnp.tanh(g[0])).astype(h.dtype)
+      h = h + tanh_gate(self.alpha[...]) * self.mixer(h, rope=ctx.mixer_rope).astype(h.dtype)
       reverse_mixer = self.mixer_reverse or self.mixer
-      reversed_h = reverse_mixer(ctx.layout.reverse(h), rope=ctx.mixer_rope)
+      reversed_h = reverse_mixer(ctx.layout.reverse(h), rope=ctx.mixer_rope).astype(h.dtype)
       h = h + tanh_gate(self.beta[...]) * ctx.layout.unreverse(reversed_h)
-    x = constrain(x + gate * h, ("batch", "length", "embed"))
+    x = constrain((x + gate * h).astype(x.dtype), ("batch", "length", "embed"))
     normed, gate = self.norm2(x, temb, ctx.is_text)
-    return constrain(x + gate * self.ff(normed), ("batch", "length", "embed"))
+    return constrain((x + gate * self.ff(normed)).astype(x.dtype), ("batch", "length", "embed"))
 
 
 class DiT(nnx.Module):
@@ -344,10 +350,15 @@ class DiT(nnx.Module):
       if not cfg.use_rotary_positional_embeddings:
         raise ValueError("learned positional embeddings come only with RoPE (as in diffusers)")
       p = cfg.patch_size
-      rows = cfg.max_text_seq_length + (cfg.sample_height // p) * (cfg.sample_width // p) * (
-          (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1)
+      frames = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
+      # As diffusers: zeros for the text rows, the 3D sin-cos table for the video rows, so that
+      # training starts from absolute positions (RoPE alone gives only relative ones).
+      table = np.concatenate([
+          np.zeros((cfg.max_text_seq_length, w), np.float32),
+          sincos_3d(w, frames, cfg.sample_height // p, cfg.sample_width // p,
+                    cfg.spatial_interpolation_scale, cfg.temporal_interpolation_scale)])
       self.pos_embedding = nnx.Param(partitioned(
-          nnx.initializers.normal(0.02), ("length", "embed"))(rngs.params(), (rows, w)))
+          lambda *_: jnp.asarray(table), ("length", "embed"))(rngs.params(), table.shape))
     self.time_embedding = TimestepEmbedding(w, cfg.time_embed_dim, rngs=rngs, dtype=dtype)
     self.ofs_embedding = (TimestepEmbedding(cfg.ofs_embed_dim, cfg.ofs_embed_dim, rngs=rngs,
                                             dtype=dtype) if cfg.ofs_embed_dim else None)
