@@ -1,13 +1,15 @@
 """The five Tom-and-Jerry stages of ../shared/PAPER.md ("Staged context extension") as one table.
 
 Each stage file is `get_config(arg)` calling `stage_config(seconds, arg)`. The argument
-(configs/arguments.py) takes `runlocal` and `mixer=<name>`:
+(configs/arguments.py) takes `runlocal`, `mixer=<name>` and `bf16`:
 
   configs/tomjerry_3s.py                      the paper's TTT-MLP stage
   configs/tomjerry_3s.py:runlocal             the same on a CPU: smaller model, frames and
                                               batch, same structure (segment and latent frame
                                               counts, stage order, trainable groups, optimizer)
   configs/tomjerry_3s.py:runlocal,mixer=swa   a baseline of configs/mixers.py, same stage
+  configs/tomjerry_3s.py:runlocal,bf16        runlocal in the real configs' bfloat16 compute
+                                              (runlocal alone is float32)
 
 Every number is the public reference's (ttt-video-dit, configs/train/ttt-mlp and
 configs/eval/ttt-mlp) unless a comment says why not; README "Recipe" lists them beside the
@@ -33,7 +35,7 @@ RUNLOCAL_TEXT_LENGTH = {3: 18, 9: 22, 18: 15, 30: 9, 63: 10}
 def stage_config(seconds: int, arg=None) -> ml_collections.ConfigDict:
   if seconds not in STAGES:
     raise ValueError(f"no stage of {seconds} s; stages: {sorted(STAGES)}")
-  args = parse_arguments(arg, runlocal=False, mixer="ttt_mlp")
+  args = parse_arguments(arg, runlocal=False, mixer="ttt_mlp", bf16=False)
   runlocal = args["runlocal"]
   steps, previous = STAGES[seconds]
   c = ml_collections.ConfigDict()
@@ -115,7 +117,9 @@ def stage_config(seconds: int, arg=None) -> ml_collections.ConfigDict:
     c.height, c.width = 32, 48         # latent 4 x 6: 2 x 3 tokens per latent frame
     c.model.update(dict(num_heads=2, head_dim=16, num_layers=2, in_channels=4, out_channels=4,
                         text_embed_dim=32, time_embed_dim=16, sample_height=4, sample_width=6,
-                        dtype="float32"))
+                        # float32 for tests that compare numbers; `bf16` keeps the real
+                        # configs' dtype path (bf16 compute, float32 parameters and TTT state).
+                        dtype="bfloat16" if args["bf16"] else "float32"))
     c.vae.tiling = False
     c.sampling.num_steps = 4
     c.train.update(dict(steps=4, batch_size=2, warmup_steps=1, checkpoint_every=2, log_every=1))
