@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from ttt_jax.mixers import MIXERS, build_mixer, count_params, matched_options
-from ttt_jax.mixers.common import causal_depthwise_conv
+from ttt_jax.mixers.common import causal_depthwise_conv, matmul
 from ttt_jax.mixers.gated_deltanet import (gated_delta_rule_chunked, gated_delta_rule_recurrent,
                                            unit_lower_inverse)
 from ttt_jax.mixers.mamba2 import ssd_chunked, ssd_recurrent
@@ -159,7 +159,7 @@ def test_gated_deltanet_issues_no_lapack_call():
   assert "lapack" not in hlo and "triangular_solve" not in hlo
 
 
-@pytest.mark.parametrize("n", [5, 16, 64])  # odd (row by row), one block, two doublings
+@pytest.mark.parametrize("n", [5, 8, 37, 64])  # product form only; odd sizes padded; doublings
 def test_unit_lower_inverse(n):
   rng = np.random.default_rng(0)
   # |A_ti| <= 1/4: the size of beta (gamma_t/gamma_i) k_t.k_i for unit keys of dimension >= 16.
@@ -176,16 +176,22 @@ def test_unit_lower_inverse(n):
                              rtol=1e-4, atol=1e-4)
 
 
-def test_causal_depthwise_conv_gradient():
-  x, kernel = _normal(0, (2, 11, 6)), _normal(1, (4, 6))
-  def reference(x, kernel):  # the same convolution, differentiated by autodiff
-    padded = jnp.pad(x, ((0, 0), (3, 0), (0, 0)))
-    return jnp.einsum("bskc,kc->bsc", jnp.stack([padded[:, i:i + 11] for i in range(4)], 2),
-                      kernel)
-  dy = _normal(2, x.shape)
-  y, vjp = jax.vjp(causal_depthwise_conv, x, kernel)
-  y_ref, vjp_ref = jax.vjp(reference, x, kernel)
+def _conv_reference(x, kernel):  # the same convolution, differentiated by autodiff
+  size, seq = kernel.shape[0], x.shape[1]
+  padded = jnp.pad(x, ((0, 0), (size - 1, 0), (0, 0)))
+  return jnp.einsum("bskc,kc->bsc", jnp.stack([padded[:, i:i + seq] for i in range(size)], 2),
+                    kernel)
+
+
+@pytest.mark.parametrize("fast,reference,shapes", [
+    (causal_depthwise_conv, _conv_reference, [(2, 11, 6), (4, 6)]),
+    (matmul, lambda x, kernel: jnp.einsum("bsi,io->bso", x, kernel), [(2, 11, 6), (6, 5)])])
+def test_written_out_vjps_match_autodiff(fast, reference, shapes):
+  inputs = [_normal(i, shape) for i, shape in enumerate(shapes)]
+  y, vjp = jax.vjp(fast, *inputs)
+  y_ref, vjp_ref = jax.vjp(reference, *inputs)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  dy = _normal(9, y.shape)
   for got, want in zip(vjp(dy), vjp_ref(dy)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 

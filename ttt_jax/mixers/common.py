@@ -7,17 +7,70 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ttt_jax.parallel.mesh import partitioned  # re-exported: the mixers import it from here
 
+@jax.custom_vjp
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x `[..., in]` @ kernel `[in, out]` -> `[..., out]`, with a kernel gradient laid out for CPU.
+
+  Left to autodiff, the kernel gradient x^T dy makes XLA:CPU transpose dy, fused with whatever
+  produced it (silu', the gated norm), which ran ~5x slower than the whole product (issue 18).
+  The written-out VJP transposes x, materialised, instead.
+  """
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _matmul_fwd(x, kernel):
+  return matmul(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(residuals, dy):
+  x, kernel = residuals
+  dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
+  x_transposed = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1])).T
+  dkernel = x_transposed @ dy.reshape(-1, dy.shape[-1])
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _matmul_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
+                        precision: Any = None, out_sharding: Any = None) -> jax.Array:
+  """`matmul` in the signature nnx.Linear calls its `dot_general` with."""
+  if (dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or precision is not None
+      or out_sharding is not None):
+    raise NotImplementedError(f"only x @ kernel: {dimension_numbers}, {precision}, "
+                              f"{out_sharding}")
+  return matmul(lhs, rhs)
+
+
 def dense(in_features: int, out_features: int, names: tuple[str | None, str | None], *,
           use_bias: bool, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
-  """`nnx.Linear` whose kernel is named `names` ([in, out]) and whose bias is named `names[1:]`."""
+  """`nnx.Linear` whose kernel is named `names` ([in, out]) and whose bias is named `names[1:]`;
+  its product is `matmul`."""
   return nnx.Linear(
       in_features, out_features, use_bias=use_bias, dtype=dtype,
+      dot_general=_matmul_dot_general,
       kernel_init=partitioned(nnx.initializers.lecun_normal(), names),
       bias_init=partitioned(nnx.initializers.zeros_init(), names[1:]), rngs=rngs)
+
+
+def dense_together(x: jax.Array, layers: tuple[nnx.Linear, ...]) -> list[jax.Array]:
+  """Bias-free `dense` layers of the same input applied as one `matmul`: their outputs.
+
+  x: `[..., in]`. One product, and in the backward one transposed x, instead of one per layer;
+  on CPU each op has a cost of its own that dominated at short lengths (issue 18).
+  """
+  if any(layer.bias is not None for layer in layers):
+    raise ValueError("dense_together takes bias-free layers")
+  kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
+  x, kernel = layers[0].promote_dtype((x, kernel), dtype=layers[0].dtype)
+  sizes = [layer.kernel.shape[1] for layer in layers]
+  return jnp.split(matmul(x, kernel), np.cumsum(sizes)[:-1].tolist(), axis=-1)
 
 
 def pad_to_multiple(x: jax.Array, multiple: int, axis: int = 1) -> jax.Array:
@@ -106,10 +159,19 @@ class ShortConv(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: `[batch, seq, channels]` -> `[batch, seq, channels]`."""
-    y = causal_depthwise_conv(x, self.kernel[...].astype(x.dtype))
-    if self.bias is not None:
-      y = y + self.bias[...].astype(x.dtype)
-    return jax.nn.silu(y)
+    return self.together((x,), (self,))[0]
+
+  @staticmethod
+  def together(xs: tuple[jax.Array, ...], convs: tuple[ShortConv, ...]) -> list[jax.Array]:
+    """`convs[i](xs[i])` for all i as one convolution over the concatenated channels."""
+    x = jnp.concatenate(xs, axis=-1)
+    y = causal_depthwise_conv(
+        x, jnp.concatenate([conv.kernel[...] for conv in convs], axis=1).astype(x.dtype))
+    if any(conv.bias is not None for conv in convs):
+      y = y + jnp.concatenate([conv.bias[...] if conv.bias is not None else
+                               jnp.zeros(conv.kernel.shape[1]) for conv in convs]).astype(x.dtype)
+    sizes = [t.shape[-1] for t in xs]
+    return jnp.split(jax.nn.silu(y), np.cumsum(sizes)[:-1].tolist(), axis=-1)
 
 
 class GatedRMSNorm(nnx.Module):
