@@ -126,10 +126,11 @@ def gated_delta_rule_chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Ar
   (I + A) U = diag(beta) V - diag(beta gamma) K S_0^T, A_ti = beta_t (gamma_t/gamma_i) k_t.k_i
   for i < t. So U = U' - W S_0^T with U' = T diag(beta) V, W = T diag(beta gamma) K,
   T = (I + A)^-1 (`unit_lower_inverse`), all computed for every chunk at once; then only
-    O = diag(gamma) Q S_0^T + (tril(Q K^T) * gamma_t/gamma_i) U,
     S_C = gamma_C S_0 + U^T diag(gamma_C / gamma) K
-  runs sequentially over chunks. Zero padding at the end (beta = 0) leaves earlier outputs
-  unchanged.
+  (with U) runs sequentially over chunks, and
+    O = diag(gamma) Q S_0^T + (tril(Q K^T) * gamma_t/gamma_i) U
+  is again computed for every chunk at once. Zero padding at the end (beta = 0) leaves earlier
+  outputs unchanged.
   """
   seq = q.shape[1]
   chunk = min(chunk_size, seq)
@@ -155,18 +156,18 @@ def gated_delta_rule_chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Ar
   k_to_end = jnp.exp(log_gamma[..., -1:] - log_gamma)[..., None] * k
   gamma_end = gamma[..., -1]
 
-  def step(s, inputs):  # s: [batch, heads, value_dim, key_dim]
-    q_c, k_c, w_c, u_prime_c, attn_c, gamma_end_c = inputs
+  def step(s, inputs):  # s: [batch, heads, value_dim, key_dim], the state entering the chunk
+    k_c, w_c, u_prime_c, gamma_end_c = inputs
     u = u_prime_c - jnp.einsum("bhck,bhvk->bhcv", w_c, s)
-    o = jnp.einsum("bhck,bhvk->bhcv", q_c, s) + attn_c @ u
-    s = gamma_end_c[..., None, None] * s + jnp.einsum("bhcv,bhck->bhvk", u, k_c)
-    return s, o
+    return gamma_end_c[..., None, None] * s + jnp.einsum("bhcv,bhck->bhvk", u, k_c), (s, u)
 
+  # Only the state runs sequentially; the outputs, which read it, come after for all chunks.
   batch, _, heads, _, key_dim = k.shape
   s0 = jnp.zeros((batch, heads, v.shape[-1], key_dim), v.dtype)
-  _, o = jax.lax.scan(step, s0, tuple(
-      jnp.moveaxis(t, 1, 0) for t in (q_decayed, k_to_end, w, u_prime, attn, gamma_end)))
-  o = jnp.moveaxis(o, 0, 1)  # [batch, chunks, heads, chunk, value_dim]
+  _, (states, u) = jax.lax.scan(step, s0, tuple(
+      jnp.moveaxis(t, 1, 0) for t in (k_to_end, w, u_prime, gamma_end)))
+  states, u = jnp.moveaxis(states, 0, 1), jnp.moveaxis(u, 0, 1)  # [batch, chunks, heads, ...]
+  o = jnp.einsum("bnhck,bnhvk->bnhcv", q_decayed, states) + attn @ u
   o = jnp.moveaxis(o, 2, 3).reshape(batch, -1, heads, o.shape[-1])
   return o[:, :seq]
 
