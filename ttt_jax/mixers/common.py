@@ -96,6 +96,25 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 @jax.custom_vjp
+def scale_channels(x: jax.Array, scale: jax.Array) -> jax.Array:
+  """x `[..., c]` * scale `[c]`, whose scale gradient is an einsum: left to autodiff it is a sum
+  over tokens fused with its elementwise inputs, which XLA:CPU ran ~5x slower (issue 18)."""
+  return x * scale
+
+
+def _scale_channels_fwd(x, scale):
+  return x * scale, (x, scale)
+
+
+def _scale_channels_bwd(residuals, dy):
+  x, scale = residuals
+  return dy * scale, jnp.einsum("...c,...c->c", x, dy).astype(scale.dtype)
+
+
+scale_channels.defvjp(_scale_channels_fwd, _scale_channels_bwd)
+
+
+@jax.custom_vjp
 def causal_depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """y_t = sum_i kernel_i * x_{t-K+1+i}, per channel; x `[batch, seq, c]`, kernel `[K, c]`."""
   size, seq = kernel.shape[0], x.shape[1]
@@ -200,7 +219,7 @@ class GatedRMSNorm(nnx.Module):
       y = y * gate
     grouped = y.reshape(*y.shape[:-1], -1, self.group_size)
     grouped = grouped * jax.lax.rsqrt(sum_of_squares(grouped) / self.group_size + self.epsilon)
-    y = grouped.reshape(y.shape) * self.scale[...]
+    y = scale_channels(grouped.reshape(y.shape), self.scale[...])
     if self.norm_before_gate:
       y = y * gate
     return y.astype(x.dtype)
