@@ -43,6 +43,9 @@ EXTRAS = {
         "accelerate>=1.0",
     ],
 }
+# Compiling for TPU slices ahead of time on any host (bench/aot_compile.py): the libtpu that
+# this jax was released with, which jax[tpu] pins. Keep it equal to the installed jax.
+EXTRAS["tpu"] = ["jax[tpu]==0.10.2"]
 EXTRAS["test"] = sorted(
     set(EXTRAS["torch"] + ["pytest>=8", "pytest-xdist>=3.5"]))
 

@@ -1,0 +1,136 @@
+"""Compiles the real train step for a TPU slice ahead of time, on any host, and prints one JSON.
+
+  JAX_PLATFORMS=cpu python bench/aot_compile.py --config=configs/tomjerry_3s.py \
+      --topology=v5p-128 --config.mesh.data=1 --config.mesh.fsdp=64
+
+The TPU compiler is libtpu's (`pip install -e ".[tpu]"`); `get_topology_desc` gives
+compile-only devices for the slice, so nothing runs and no TPU is needed. The step is
+`ttt_jax.train.make_train_step` with the shardings training uses: the numbers are those of
+`python -m ttt_jax.train` with the same config. `--config.model.num_layers=N` compiles fewer
+layers when a host cannot hold the compile of all 42 (the layers are one `scan`, so the
+per-layer bytes are (bytes(N) - bytes(M)) / (N - M); the JSON says how many layers it compiled).
+
+Keys: per_device_bytes = arguments + outputs + temps - aliases (memory_analysis, per chip),
+flops_per_step (cost_analysis, per chip: XLA counts the partitioned program), params,
+trainable_params, compile_seconds, peak_host_rss_bytes.
+"""
+from __future__ import annotations
+
+import os
+
+# Before jax initialises: the host backend is the CPU, libtpu is loaded only as a compiler.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import json  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from ttt_jax import train  # noqa: E402
+from ttt_jax.parallel import mesh as mesh_lib  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file", lock_config=False)
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "TPU slice, e.g. v5p-8 ... v5p-256, v6e-8")
+
+# Slice name -> (libtpu topology, chips per host, wrap-around links). v5p-N has N/2 chips (two
+# cores each, run as one "megacore" device); slices of a full 4x4x4 cube or more are tori.
+# v6e-N has N chips, one core each, 4 per host in 2x2 trays.
+_SLICES = {
+    "v5p-8": ("v5:2x2x1", (2, 2, 1), False), "v5p-16": ("v5:2x2x2", (2, 2, 1), False),
+    "v5p-32": ("v5:2x2x4", (2, 2, 1), False), "v5p-64": ("v5:2x4x4", (2, 2, 1), False),
+    "v5p-128": ("v5:4x4x4", (2, 2, 1), True), "v5p-256": ("v5:4x4x8", (2, 2, 1), True),
+    "v5p-512": ("v5:4x8x8", (2, 2, 1), True),
+    "v6e-4": ("v6e:2x2", (2, 2, 1), False), "v6e-8": ("v6e:2x4", (2, 2, 1), False),
+    "v6e-16": ("v6e:4x4", (2, 2, 1), False), "v6e-64": ("v6e:8x8", (2, 2, 1), False),
+    "v6e-256": ("v6e:16x16", (2, 2, 1), False),
+}
+# Per-chip HBM: v5p 95 GiB, v6e 32 GiB.
+_HBM = {"v5p": 95 * 2**30, "v6e": 32 * 2**30}
+
+
+def topology_devices(name: str) -> list[jax.Device]:
+  """Compile-only TPU devices of slice `name` (a key of _SLICES)."""
+  if name not in _SLICES:
+    raise ValueError(f"unknown topology {name!r}; known: {', '.join(_SLICES)}")
+  topology, per_host, wrap = _SLICES[name]
+  v5p = name.startswith("v5p")
+  return topologies.get_topology_desc(
+      topology_name=topology, platform="tpu",
+      chip_config_name="megacore" if v5p else "default", chips_per_host_bounds=per_host,
+      num_slices=1, wrap=(wrap,) * (3 if v5p else 2)).devices
+
+
+def compile_train_step(config, devices: list[jax.Device]) -> dict:
+  """Lowers and compiles the train step of `config` for `devices`; returns the JSON's fields."""
+  mesh = train.mesh_from_config(config, devices=devices)
+  setup = train.build_setup(config, mesh)
+  rules = train._rules(config)  # pylint: disable=protected-access
+  c, b = config, config.train.batch_size
+  shapes = {"latents": (b, c.latent_frames, c.model.in_channels, c.height // 8, c.width // 8),
+            "text": (b, c.segments, c.text.max_length, c.model.text_embed_dim)}
+  batch_sh = {k: mesh_lib.activation_sharding(mesh, ("batch",) + (None,) * (len(s) - 1), s, rules)
+              for k, s in shapes.items()}
+  batch = {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=batch_sh[k])
+           for k, s in shapes.items()}
+  with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  params = {p: with_sharding(a, setup.shardings[p]) for p, a in setup.abstract.items()}
+  trainable, frozen = setup.split(params)
+  opt_abs = jax.eval_shape(setup.tx.init, setup.split(setup.abstract)[0])
+  opt_sh = train.opt_shardings(setup, opt_abs)
+  opt_state = jax.tree.map(with_sharding, opt_abs, opt_sh)
+  null_text = np.zeros((c.text.max_length, c.model.text_embed_dim), np.float32)
+  step_fn = train.make_train_step(config, setup, null_text, batch_sh, opt_sh)
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+
+  start = time.perf_counter()
+  lowered = step_fn.lower(trainable, frozen, opt_state, batch, step)
+  lower_seconds = time.perf_counter() - start
+  compiled = lowered.compile()
+  compile_seconds = time.perf_counter() - start - lower_seconds
+
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  count = lambda tree: int(sum(np.prod(a.shape) for a in jax.tree.leaves(tree)))
+  return {
+      "stage": config.stage,
+      "num_layers": config.model.num_layers,
+      "dtype": config.model.dtype,
+      "global_batch": b,
+      "devices": len(devices),
+      "mesh": dict(mesh.shape),
+      "params": count(setup.abstract),
+      "trainable_params": count(trainable),
+      "argument_bytes": mem.argument_size_in_bytes,
+      "output_bytes": mem.output_size_in_bytes,
+      "alias_bytes": mem.alias_size_in_bytes,
+      "temp_bytes": mem.temp_size_in_bytes,
+      "per_device_bytes": (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                           + mem.temp_size_in_bytes - mem.alias_size_in_bytes),
+      "flops_per_step": cost.get("flops"),
+      "lower_seconds": round(lower_seconds, 1),
+      "compile_seconds": round(compile_seconds, 1),
+  }
+
+
+def main(argv):
+  del argv
+  result = compile_train_step(_CONFIG.value, topology_devices(_TOPOLOGY.value))
+  hbm = _HBM[_TOPOLOGY.value.split("-")[0]]
+  result.update(topology=_TOPOLOGY.value, hbm_bytes=hbm, fits=result["per_device_bytes"] <= hbm,
+                per_device_gib=round(result["per_device_bytes"] / 2**30, 2),
+                # ru_maxrss is in KiB on Linux.
+                peak_host_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)
