@@ -1,7 +1,9 @@
 """The toy main job at its local size, end to end, as `python -m ttt_jax.train` runs it; a
-rerun resumes (every piece is found complete) and gives the same summary."""
+rerun resumes (every piece is found complete) and gives the same summary; the sampling command it
+prints works as printed."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -14,7 +16,7 @@ def test_toy_pipeline_runlocal_end_to_end_and_resume(tmp_path):
   cmd = [sys.executable, "-m", "ttt_jax.train", "--config=configs/toy.py:runlocal",
          f"--workdir={tmp_path}"]
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
+  first = subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert list(summary["stages"]) == ["toy_3s", "toy_9s", "toy_18s", "toy_30s", "toy_63s"]
   for stage in summary["stages"].values():
@@ -22,14 +24,25 @@ def test_toy_pipeline_runlocal_end_to_end_and_resume(tmp_path):
   for stage in ("toy_9s", "toy_18s", "toy_30s", "toy_63s"):  # each one handed off
     config = json.loads((tmp_path / "stages" / stage / "config.json").read_text())
     assert config["init_from"] == str(tmp_path / "stages" / f"toy_{config['previous_stage']}")
-  frames, fps = read_mp4(summary["sample"]["video"])
+  frames, fps = read_mp4(tmp_path / summary["sample"]["video"])
   assert frames.shape == (1009, 32, 48, 3) and fps == 16  # one minute (63 s) at 16 fps
   assert summary["sample"]["reference"]["persistence"]["overall"] == 1.0
   assert 0.0 <= summary["sample"]["persistence"]["overall"] <= 1.0
-  storyboard = json.loads((tmp_path / "sample" / "storyboard.json").read_text())
+  storyboard = json.loads((tmp_path / "storyboard.json").read_text())
   assert len(storyboard) == 21
+  assert (tmp_path / summary["sample"]["persistence_plot"]).stat().st_size > 0
+  assert len(summary["sample"]["per_segment"]["room"]) == 21
+  # The terminal gets the job's own lines; Orbax's and tfds' INFO chatter goes to log.txt.
+  assert "Closing" not in first.stdout + first.stderr
+  assert "[toy] toy_3s:" in first.stdout and (tmp_path / "log.txt").stat().st_size > 0
   before = (tmp_path / "summary.json").read_text()
   out = subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
-  assert "encoding" not in out.stdout  # nothing re-encoded, no stage retrained
-  assert json.loads((tmp_path / "summary.json").read_text())["stages"] == \
-      json.loads(before)["stages"]
+  assert "encoded" not in out.stdout  # nothing re-encoded, no stage retrained
+  # The same seed, the same numbers: the resampled video scores exactly as before.
+  assert (tmp_path / "summary.json").read_text() == before
+  command = out.stdout.split("with another seed) with:")[1].split("\n")[1]
+  args = shlex.split(command)
+  assert args[:3] == ["python", "-m", "ttt_jax.sample"]
+  subprocess.run([sys.executable, *args[1:]], cwd=REPO, env=env, check=True,
+                 capture_output=True)
+  assert read_mp4(tmp_path / "samples" / "seed1" / "video.mp4")[0].shape == (1009, 32, 48, 3)

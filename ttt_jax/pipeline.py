@@ -272,6 +272,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   }
   summary["sample"]["persistence_plot"] = os.path.relpath(plot_persistence(
       persistence, os.path.join(sample_dir, "persistence.png")), workdir)
+  summary["sample"]["comparison"] = os.path.relpath(write_comparison(
+      video, truth, story.segments, config.fps, os.path.join(sample_dir, "comparison.png")),
+      workdir)
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   s = summary["sample"]
@@ -280,7 +283,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
        f"{s['text_following']:.3f}, flatness {s['flatness']:.3f}, stability "
        f"{s['stability']:.3f}; video: {info['video']}, numbers: "
        f"{os.path.join(workdir, 'summary.json')}")
-  _log("sample another storyboard from this model with:\n  " + sample_command(workdir, previous))
+  _log("sample any storyboard (here the held-out one again, with another seed) with:\n  "
+       + sample_command(workdir, previous))
   return summary
 
 
@@ -291,6 +295,19 @@ def sample_command(workdir: str, stage_dir: str) -> str:
           f"--checkpoint={rel(os.path.join(stage_dir, 'model'))} "
           f"--storyboard={rel(os.path.join(workdir, 'storyboard.json'))} "
           f"--out={rel(os.path.join(workdir, 'samples', 'seed1'))} --seed=1")
+
+
+def write_comparison(video: np.ndarray, truth: np.ndarray, segments: int, fps: int, path: str,
+                     scale: int = 3) -> str:
+  """The middle frame of every segment, generated (top) over the story's rendering (bottom),
+  enlarged `scale` times: one picture that shows whether the model draws the story."""
+  from ttt_jax.data.video_io import contact_sheet, write_png  # pylint: disable=g-import-not-at-top
+  from ttt_jax.sample import segment_frame_indices  # pylint: disable=g-import-not-at-top
+  sheets = [contact_sheet(v, segment_frame_indices(len(v), segments, fps)) for v in (video, truth)]
+  gap = np.full((4, sheets[0].shape[1], 3), 255, np.uint8)
+  image = np.concatenate([sheets[0], gap, sheets[1]])
+  write_png(path, image.repeat(scale, axis=0).repeat(scale, axis=1))
+  return path
 
 
 def plot_persistence(score: dict, path: str) -> str:

@@ -234,7 +234,9 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, null_text: 
     # Text dropout for classifier-free guidance: the whole example's texts become the null text.
     drop = jax.random.uniform(d_rng, (x0.shape[0],)) < train.text_dropout
     text = jnp.where(drop[:, None, None, None], null[None, None].astype(text.dtype), text)
-    v_pred = model(diffusion.add_noise(schedule, x0, noise, t), text, t)
+    # The activation constraints are live while the step traces (ttt_jax/parallel/mesh.py).
+    with mesh_lib.activation_rules(setup.mesh, _rules(config)):
+      v_pred = model(diffusion.add_noise(schedule, x0, noise, t), text, t)
     return diffusion.v_prediction_loss(schedule, v_pred.astype(jnp.float32), x0, noise, t,
                                        weighting=weighting)
 

@@ -53,6 +53,8 @@ from ttt_jax.models.layers import (Attention, ExpertAdaLN, FeedForward, Rope, Ti
 from ttt_jax.models.rope import rope_3d, sincos_3d, timestep_embedding
 
 MixerFactory = Callable[..., nnx.Module | None]
+# The residual stream [batch, seq, width]: batch over data x fsdp, sequence over context.
+_STREAM = ("activation_batch", "activation_length", "activation_embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,9 +331,9 @@ class DiTBlock(nnx.Module):
       reverse_mixer = self.mixer_reverse or self.mixer
       reversed_h = reverse_mixer(ctx.layout.reverse(h), rope=ctx.mixer_rope).astype(h.dtype)
       h = h + tanh_gate(self.beta[...]) * ctx.layout.unreverse(reversed_h)
-    x = constrain((x + gate * h).astype(x.dtype), ("batch", "length", "embed"))
+    x = constrain((x + gate * h).astype(x.dtype), _STREAM)
     normed, gate = self.norm2(x, temb, ctx.is_text)
-    return constrain((x + gate * self.ff(normed)).astype(x.dtype), ("batch", "length", "embed"))
+    return constrain((x + gate * self.ff(normed)).astype(x.dtype), _STREAM)
 
 
 class DiT(nnx.Module):
@@ -424,7 +426,7 @@ class DiT(nnx.Module):
     patches = patches.transpose(0, 1, 4, 6, 3, 2, 5, 7).reshape(batch, layout.frames * grid[0]
                                                                 * grid[1], -1)
     x = layout.assemble(self.text_proj(text), self.patch_proj(patches))
-    x = constrain(x, ("batch", "length", "embed"))
+    x = constrain(x, _STREAM)
     positions = self._positions(layout, grid)
     if positions is not None:
       x = layout.merge(layout.split(x) + positions.astype(x.dtype))

@@ -1,29 +1,22 @@
 """Building blocks of the CogVideoX transformer (Flax NNX), named after their diffusers modules.
 
-Parameters carry logical axis names ('embed', 'heads', 'head_dim', 'mlp', ...); activations are
-annotated with `flax.linen.with_logical_constraint`, a no-op unless logical-axis rules and a
-mesh are active (ttt_jax/parallel sets them).
+Parameters carry logical axis names ('embed', 'heads', 'head_dim', 'mlp', ...); activations
+carry their own ('activation_batch', 'activation_length', ...) through `constrain`, a sharding
+constraint while a step is traced under `ttt_jax.parallel.activation_rules`, a no-op otherwise.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ttt_jax.models.rope import apply_rope
-from ttt_jax.parallel.mesh import partitioned  # re-exported: dit.py imports it from here
+# Re-exported: dit.py imports them from here.
+from ttt_jax.parallel.mesh import constrain, partitioned  # pylint: disable=unused-import
 
 Rope = tuple[jnp.ndarray, jnp.ndarray]
 
 _default_kernel = nnx.initializers.lecun_normal()
-
-
-def constrain(x: jnp.ndarray, names: Sequence[str | None]) -> jnp.ndarray:
-  """Logical sharding annotation of an activation."""
-  return nn.with_logical_constraint(x, tuple(names))
 
 
 def linear(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
@@ -137,7 +130,8 @@ class Attention(nnx.Module):
     """
     batch, seq, _ = x.shape
     heads = lambda y: constrain(y.reshape(batch, seq, self.num_heads, self.head_dim),
-                                ("batch", "length", "heads", "head_dim"))
+                                ("activation_batch", "activation_length", "activation_heads",
+                                 None))
     q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))
     if self.norm_q is not None:
       q, k = self.norm_q(q), self.norm_k(k)
@@ -163,5 +157,6 @@ class FeedForward(nnx.Module):
 
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """[batch, seq, width] -> [batch, seq, width]."""
-    h = constrain(jax.nn.gelu(self.proj_in(x), approximate=True), ("batch", "length", "mlp"))
+    h = constrain(jax.nn.gelu(self.proj_in(x), approximate=True),
+                  ("activation_batch", "activation_length", "activation_mlp"))
     return self.proj_out(h)

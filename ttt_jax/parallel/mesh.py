@@ -10,7 +10,8 @@ the model. Mesh axes:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+import contextlib
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -33,7 +34,19 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("conv_in", None),
+) + (
+    # Activations have names of their own (maxtext's idea): a parameter's "embed" is sharded
+    # over fsdp, but the residual stream's width stays whole on each device, its batch split
+    # over data x fsdp and its sequence over context.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", "context"),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),
 )
+
+# (mesh, rules) while a step is traced under `activation_rules`; `constrain` reads the last.
+_ACTIVE: list[tuple[Mesh, tuple[tuple[str, Any], ...]]] = []
 
 
 def partitioned(init: Initializer, names: Sequence[str | None]) -> Initializer:
@@ -120,3 +133,28 @@ def activation_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence
                         rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> NamedSharding:
   """NamedSharding for an activation, e.g. names ('batch', 'length', 'embed')."""
   return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+                     ) -> Iterator[None]:
+  """While tracing under this context, `constrain` pins activations to `mesh` per `rules`.
+
+  Outside it `constrain` returns its input: modules run unsharded in tests and sampling, and a
+  jitted step decides its activation layout only where it is traced inside the context.
+  """
+  _ACTIVE.append((mesh, tuple(tuple(r) for r in rules)))
+  try:
+    yield
+  finally:
+    _ACTIVE.pop()
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """`jax.lax.with_sharding_constraint` of activation `x` by its logical `names`, under the
+  innermost `activation_rules`; x unchanged outside one."""
+  if not _ACTIVE:
+    return x
+  mesh, rules = _ACTIVE[-1]
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))

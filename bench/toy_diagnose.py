@@ -1,0 +1,211 @@
+"""Why the toy does or does not learn: stage-1 runs, an overfit check, and the x0 error.
+
+  python bench/toy_diagnose.py stage1 --workdir=/tmp/d/base [--set train.steps=800 ...]
+  python bench/toy_diagnose.py overfit --workdir=/tmp/d/overfit [--set train.steps=600]
+  python bench/toy_diagnose.py x0 --workdir=/tmp/d/base
+  python bench/toy_diagnose.py guidance --workdir=runs/toy [--scales 1 3]
+
+stage1: configs/toy.py's 3 s stage alone (data, tokenizer, text encoder, autoencoder, precompute,
+training), with `--set key=value` overrides of the stage config and `--top key=value` of the
+job's (e.g. `--top vae.normalize='global'`); then samples `--eval` held-out 3 s storyboards and
+scores each: persistence's room/colour/shape (segment 1: its text states the facts), text
+following, toy_toons.frame_statistics (flatness, stability) and PSNR against the rendering.
+overfit: the same with ONE training story and batch 1, sampled from that story's own storyboard:
+a model and conditioning that work reproduce it (PSNR well above the held-out stories'); one that
+does not points at the model, not at the amount of training.
+x0: after a stage1 or overfit run (or on a toy job's workdir: its stage 1), noises a training latent to t = 200, 500, 900, takes one model
+prediction and reports the x0 MSE per channel, with the text and with the null text, beside the
+best guess that ignores the model (sqrt(a_t) x_t, the posterior mean for unit-variance latents),
+and the training loss (snr+1-weighted) at t = 0 ... 999.
+guidance: samples a toy job's held-out 63 s storyboard from its last stage at each guidance scale
+and scores it (persistence, text following, frame statistics), beside the rendering's scores.
+
+One JSON object on stdout. Runs on a CPU: the default stage1 run takes a few minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import toy
+from ttt_jax import pipeline, sample, train
+from ttt_jax.data import toy_toons
+from ttt_jax.data.builders import toy_toons as builder
+from ttt_jax.data.precompute import precompute
+from ttt_jax.data.video_io import read_mp4
+
+
+def _set(config, assignment: str) -> None:
+  key, value = assignment.split("=", 1)
+  *path, last = key.split(".")
+  for part in path:
+    config = config[part]
+  config[last] = ast.literal_eval(value)
+
+
+def _psnr(video: np.ndarray, truth: np.ndarray) -> float:
+  mse = np.mean((video.astype(np.float64) - truth.astype(np.float64)) ** 2)
+  return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
+
+
+def stage1(args, overfit: bool) -> dict:
+  config = toy.get_config()
+  for item in args.top:
+    _set(config, item)
+  stage = config.stages.s3
+  if overfit:
+    stage.train.update(dict(batch_size=1, steps=600, warmup_steps=20, lr=2e-3, mixer_lr=3e-3))
+    stage.train.text_dropout = 0.0
+  for item in args.set:
+    _set(stage, item)
+  workdir = os.path.abspath(args.workdir)
+  os.makedirs(workdir, exist_ok=True)
+  start = time.perf_counter()
+  train_stories = 1 if overfit else config.toy.num_train.s3
+  dataset = builder.build(os.path.join(workdir, "data"), segments=1, num_train=train_stories,
+                          num_test=max(args.eval, 1), height=config.height, width=config.width,
+                          fps=config.fps, seed=config.toy.dataset_seed)
+  datasets = {3: dataset}
+  spm, t5_dir = pipeline.build_text_encoder(config, workdir, datasets)
+  vae_dir = pipeline.build_autoencoder(config, workdir, datasets)
+  stage = pipeline._with_models(stage, spm, t5_dir, vae_dir)  # pylint: disable=protected-access
+  latents = os.path.join(workdir, "latents")
+  if not os.path.exists(os.path.join(latents, "precompute.json")):
+    precompute(stage, dataset.data_path, latents, "train")
+  stage.data.latents = latents
+  prepared = time.perf_counter()
+  out = train.train(stage, os.path.join(workdir, "train"), mesh=pipeline._mesh(stage))  # pylint: disable=protected-access
+  trained = time.perf_counter()
+  losses = pipeline._read_losses(out["workdir"])  # pylint: disable=protected-access
+  k = max(1, len(losses) // 8)
+  curve = [round(float(np.mean(losses[i:i + k])), 4) for i in range(0, len(losses), k)]
+  stories = (pipeline._stories(dataset, "train") if overfit  # pylint: disable=protected-access
+             else pipeline._stories(dataset, "test")[:args.eval])  # pylint: disable=protected-access
+  scores = []
+  for i, story in enumerate(stories):
+    storyboard = os.path.join(workdir, f"storyboard_{i}.json")
+    with open(storyboard, "w") as f:
+      json.dump(toy_toons.story_to_storyboard(story), f)
+    info = sample.run(stage, os.path.join(out["workdir"], "model"), storyboard,
+                      os.path.join(workdir, f"sample_{i}"), progress=False, overwrite=True)
+    video, _ = read_mp4(info["video"])
+    truth = toy_toons.render(story)
+    p = toy_toons.persistence_score(video, story)
+    scores.append(dict(room=p["room"][0], color=p["color"][0], shape=p["shape"][0],
+                       text_following=toy_toons.text_following_score(video, story)["mean"],
+                       **toy_toons.frame_statistics(video), psnr=_psnr(video, truth)))
+  mean = {k: round(float(np.mean([s[k] for s in scores])), 4) for k in scores[0]}
+  return dict(mode="overfit" if overfit else "stage1", workdir=workdir, set=args.set,
+              top=args.top, steps=len(losses), loss_curve=curve, mean=mean, per_story=scores,
+              prepare_s=round(prepared - start, 1), train_s=round(trained - prepared, 1),
+              sample_s=round(time.perf_counter() - trained, 1))
+
+
+def x0_error(args) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from ttt_jax import diffusion
+  from ttt_jax.data.loader import LatentLoader
+  from ttt_jax.models.dit_convert import load_dit
+  workdir = os.path.abspath(args.workdir)
+  # A stage1/overfit run of this script, or a toy job's workdir (its stage 1).
+  latents, run = os.path.join(workdir, "latents"), os.path.join(workdir, "train")
+  if os.path.isdir(os.path.join(workdir, "stages")):
+    latents, run = os.path.join(latents, "toy_3s"), os.path.join(workdir, "stages", "toy_3s")
+  loader = LatentLoader(latents, batch_size=1, seed=0, shuffle=False, prefetch=0)
+  batch = loader.batch(0)
+  x0, text = jnp.asarray(batch["latents"]), jnp.asarray(batch["text"])
+  null = jnp.broadcast_to(jnp.asarray(loader.null_text), text.shape)
+  dit = load_dit(os.path.join(run, "model"))
+  with open(os.path.join(run, "config.json")) as f:
+    schedule = diffusion.make_schedule(**json.load(f)["diffusion"])
+  per_channel = lambda e: jnp.mean(e, axis=(0, 1, 3, 4))  # latents [b, F, C, h, w]
+  report = {"x0_std_per_channel": np.round(np.asarray(jnp.std(x0, axis=(0, 1, 3, 4))), 3).tolist()}
+  # The training loss (v-space MSE, CogVideoX's snr+1 weighting of the x0 error) at the two ends
+  # of the zero-terminal-SNR schedule, where the weight runs from 1 (t=999) to ~1/(1-a_0).
+  for t in (0, 200, 500, 900, 999):
+    tt = jnp.full((x0.shape[0],), t)
+    noise = jax.random.normal(jax.random.key(t), x0.shape)
+    v = dit(diffusion.add_noise(schedule, x0, noise, tt), text, tt)
+    report.setdefault("training_loss_by_t", {})[t] = round(float(
+        diffusion.v_prediction_loss(schedule, v, x0, noise, tt)), 4)
+  for t in (200, 500, 900):
+    tt = jnp.full((x0.shape[0],), t)
+    noise = jax.random.normal(jax.random.key(t), x0.shape)
+    x_t = diffusion.add_noise(schedule, x0, noise, tt)
+    pred = {name: diffusion.x0_from_v(schedule, x_t, dit(x_t, c, tt), tt)
+            for name, c in (("text", text), ("null_text", null))}
+    a = float(schedule.alphas_cumprod[t])
+    shrink = jnp.sqrt(a) * x_t
+    err = per_channel((pred["text"] - x0) ** 2)
+    report[f"t={t}"] = {
+        "alpha_bar": round(a, 4),
+        "x0_mse": round(float(err.mean()), 4),
+        "x0_mse_null_text": round(float(jnp.mean((pred["null_text"] - x0) ** 2)), 4),
+        "x0_mse_sqrt_a_x_t": round(float(jnp.mean((shrink - x0) ** 2)), 4),
+        "x0_mse_per_channel": np.round(np.asarray(err), 3).tolist()}
+  return report
+
+
+def guidance(args) -> dict:
+  """Samples a toy job's held-out storyboard from its last stage at each --scales guidance."""
+  from configs import saved
+  workdir = os.path.abspath(args.workdir)
+  stage_dir = sorted(os.listdir(os.path.join(workdir, "stages")),
+                     key=lambda s: int(s.split("_")[1][:-1]))[-1]
+  stage_dir = os.path.join(workdir, "stages", stage_dir)
+  storyboard = os.path.join(workdir, "storyboard.json")
+  with open(os.path.join(workdir, "summary.json")) as f:
+    reference = json.load(f)["sample"]["reference"]
+  story = _held_out_story(workdir)
+  out = {"reference": reference}
+  for scale in args.scales:
+    config = saved.get_config(stage_dir)
+    config.sampling.guidance_scale = scale
+    info = sample.run(config, os.path.join(stage_dir, "model"), storyboard,
+                      os.path.join(workdir, "diagnose", f"guidance_{scale:g}"), progress=False,
+                      overwrite=True)
+    video, _ = read_mp4(info["video"])
+    out[f"guidance_{scale:g}"] = dict(
+        persistence=toy_toons.persistence_score(video, story)["overall"],
+        text_following=toy_toons.text_following_score(video, story)["mean"],
+        **toy_toons.frame_statistics(video))
+  return out
+
+
+def _held_out_story(workdir: str):
+  """The toy job's sampled story (configs/toy.py's sample_story of the 63 s test split)."""
+  config = toy.get_config()
+  datasets = pipeline.build_datasets(config, workdir)  # already built: found complete
+  return pipeline._stories(datasets[63], "test")[config.toy.sample_story]  # pylint: disable=protected-access
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("mode", choices=("stage1", "overfit", "x0", "guidance"))
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--set", nargs="*", default=[], help="stage config key=value (Python)")
+  parser.add_argument("--top", nargs="*", default=[], help="job config key=value (Python)")
+  parser.add_argument("--eval", type=int, default=4, help="held-out storyboards to sample")
+  parser.add_argument("--scales", type=float, nargs="*", default=[1.0, 3.0],
+                      help="guidance: the guidance scales to sample at")
+  args = parser.parse_args()
+  with contextlib.redirect_stdout(sys.stderr):  # tfds prints; stdout carries the JSON only
+    result = (x0_error(args) if args.mode == "x0" else guidance(args)
+              if args.mode == "guidance" else stage1(args, args.mode == "overfit"))
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
