@@ -230,3 +230,39 @@ def test_real_mixer_with_zero_gates_is_the_plain_backbone(name, plain_backbone):
   nnx.update(model, params)
   gated_off = nnx.jit(lambda m, *a: m(*a))(model, *inputs)
   np.testing.assert_allclose(gated_off, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_attention_matches_and_its_memory_is_linear_in_length():
+  from ttt_jax.models.layers import attention, chunked_attention  # pylint: disable=g-import-not-at-top
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v = (jax.random.normal(key, (2, 100, 3, 8)) for key in keys[:3])
+  dy = jax.random.normal(keys[3], q.shape)
+  loss = lambda fn: lambda q, k, v: jnp.vdot(fn(q, k, v), dy)
+  chunked = lambda q, k, v: chunked_attention(q, k, v, 32)  # 100 = 3 chunks + 4 padded rows
+  np.testing.assert_allclose(chunked(q, k, v), attention(q, k, v), rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.grad(loss(chunked), (0, 1, 2))(q, k, v),
+                       jax.grad(loss(attention), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+  def temp_bytes(fn, seq):  # compiled forward + backward, one head of width 8
+    x = jax.ShapeDtypeStruct((1, seq, 1, 8), jnp.float32)
+    grad = jax.jit(jax.grad(lambda q, k, v: fn(q, k, v).sum(), (0, 1, 2)))
+    return grad.lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
+
+  full = [temp_bytes(attention, n) for n in (1024, 2048)]
+  linear = [temp_bytes(lambda q, k, v: chunked_attention(q, k, v, 128), n) for n in (1024, 2048)]
+  assert full[1] > 3.5 * full[0]       # [seq, seq] scores: quadratic
+  assert linear[1] < 2.5 * linear[0]   # [128, seq] scores per chunk: linear
+  assert linear[1] < full[1] / 4
+
+
+def test_dit_with_chunked_attention_matches_xla_attention():
+  cfg = DiTConfig(num_heads=2, head_dim=16, num_layers=2, in_channels=4, out_channels=4,
+                  text_embed_dim=32, time_embed_dim=16, sample_height=4, sample_width=6,
+                  max_text_seq_length=10, mixer="ttt_mlp",
+                  mixer_options=(("mini_batch_size", 16),))
+  latents = jax.random.normal(jax.random.key(1), (1, 25, 4, 4, 6))   # 2 segments of 48 + 10
+  text = jax.random.normal(jax.random.key(2), (1, 2, 10, 32))
+  outs = [DiT(dataclasses.replace(cfg, attention_impl=impl, attention_query_chunk=16),
+              rngs=nnx.Rngs(0))(latents, text, jnp.array([500])) for impl in ("xla", "chunked")]
+  np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)

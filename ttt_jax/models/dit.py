@@ -94,7 +94,9 @@ class DiTConfig:
   separate_reverse_mixer: bool = False  # True: M' has its own parameters
   local_attention: bool = True       # False: one attention over the whole video (RoPE
                                      # positions still restart per segment)
-  attention_impl: str = "xla"        # "cudnn": fused attention on NVIDIA GPUs
+  attention_impl: str = "xla"        # "chunked": memory linear in segment length (any
+                                     # backend); "cudnn": fused attention on NVIDIA GPUs
+  attention_query_chunk: int = 512   # queries per chunk of "chunked"
   remat: bool = True                 # recompute each block in the backward pass
   dtype: str | None = None           # compute dtype (params stay float32)
 
@@ -297,7 +299,8 @@ class DiTBlock(nnx.Module):
     affine = cfg.norm_elementwise_affine
     self.norm1 = ExpertAdaLN(cfg.time_embed_dim, w, cfg.norm_eps, affine, rngs=rngs, dtype=dtype)
     self.attn1 = Attention(w, cfg.num_heads, cfg.head_dim, qkv_bias=cfg.attention_bias,
-                           implementation=cfg.attention_impl, rngs=rngs, dtype=dtype)
+                           implementation=cfg.attention_impl,
+                           query_chunk=cfg.attention_query_chunk, rngs=rngs, dtype=dtype)
     self.norm2 = ExpertAdaLN(cfg.time_embed_dim, w, cfg.norm_eps, affine, rngs=rngs, dtype=dtype)
     self.ff = FeedForward(w, cfg.ff_inner_dim or 4 * w, rngs=rngs, dtype=dtype)
     self.mixer = mixer_factory(cfg, rngs) if cfg.mixer != "none" else None
