@@ -1,17 +1,21 @@
 """Benchmark of ttt_scan at the paper's per-head shapes; prints one JSON object per case.
 
   python bench/ttt_layer.py [--heads 2] [--seqs 1024,4096] [--batch 1] [--repeats 3]
+      [--impls grad,dual_autodiff,dual] [--causal false,true] [--memory_seqs 4096,16384,65536]
 
-Per case: tokens/s forward and forward+backward; achieved FLOP/s over the FLOP/s of a dense
-jnp.dot measured in the same process (`fraction_of_matmul`, so numbers from a noisy shared
-machine compare across runs); XLA's compiled memory footprint (arguments + outputs + temporaries)
-as `peak_bytes`. Full softmax attention at the same length is the quadratic reference.
-FLOPs are model FLOPs (matmuls only): forward+backward counts 3x forward, not the recompute.
+Per case: tokens/s forward and forward+backward and their ratio; achieved FLOP/s over the FLOP/s
+of a dense jnp.dot measured in the same process (`fraction_of_matmul`, so numbers from a noisy
+shared machine compare across runs); XLA's compiled memory footprint (arguments + outputs +
+temporaries) as `peak_bytes`. Full softmax attention at the same length is the quadratic
+reference. FLOPs are model FLOPs (matmuls only): forward+backward counts 3x forward, not the
+recompute. --memory_seqs adds compile-only rows (`fwd_bwd_peak_bytes`, nothing is run) to show how
+the fwd+bwd footprint grows with the length.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import time
 
@@ -50,21 +54,37 @@ def ttt_forward_flops(inner: str, tokens_x_heads: int, d: int) -> float:
   return tokens_x_heads * (7 * 8 * d * d if inner == "mlp" else 3 * 2 * d * d)
 
 
-def bench_ttt(inner, impl, batch, heads, seq, d, mb, group, repeats, matmul_rate):
+def _ttt_fns(inner, impl, causal, mb, group):
+  """jitted forward and forward+backward (gradients w.r.t. W0, ln params, xq, xk, xv, eta)."""
+  run = functools.partial(ttt_scan, inner, mini_batch_size=mb, impl=impl, causal=causal,
+                          checkpoint_group_size=group)
+  fwd = jax.jit(lambda *a: run(*a)[0])
+  fwd_bwd = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a)[0]), argnums=(0, 1, 2, 3, 4)))
+  return fwd, fwd_bwd
+
+
+def bench_ttt(inner, impl, causal, batch, heads, seq, d, mb, group, repeats, matmul_rate):
   params = init_params(inner, jax.random.key(0), heads, d)
   ks = jax.random.split(jax.random.key(1), 4)
   xq, xk, xv = (jax.random.normal(k, (batch, heads, seq, d)) for k in ks[:3])
   eta = jnp.full((batch, heads, seq), 0.1 / d / mb)
-  run = functools.partial(ttt_scan, inner, mini_batch_size=mb, impl=impl,
-                          checkpoint_group_size=group)
-  fwd = jax.jit(lambda p, q, k, v: run(p, q, k, v, eta)[0])
-  fwd_bwd = jax.jit(jax.grad(lambda p, q, k, v: jnp.sum(run(p, q, k, v, eta)[0]),
-                             argnums=(0, 1, 2, 3)))
-  args = (params, xq, xk, xv)
+  fwd, fwd_bwd = _ttt_fns(inner, impl, causal, mb, group)
+  args = (params, xq, xk, xv, eta)
   t_fwd, t_bwd = _time(fwd, *args, repeats=repeats), _time(fwd_bwd, *args, repeats=repeats)
   flops = ttt_forward_flops(inner, batch * seq * heads, d)
   return _record(f"ttt_{inner}", impl, batch, heads, seq, t_fwd, t_bwd, flops, matmul_rate,
-                 _peak_bytes(fwd_bwd, *args), mini_batch_size=mb, head_dim=d)
+                 _peak_bytes(fwd_bwd, *args), causal=causal, mini_batch_size=mb, head_dim=d)
+
+
+def ttt_memory(inner, impl, causal, batch, heads, seq, d, mb, group):
+  """The compiled fwd+bwd footprint at one length, from shapes only (nothing is allocated)."""
+  params = jax.eval_shape(lambda: init_params(inner, jax.random.key(0), heads, d))
+  x = jax.ShapeDtypeStruct((batch, heads, seq, d), jnp.float32)
+  eta = jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32)
+  return dict(mixer=f"ttt_{inner}", impl=impl, causal=causal, batch=batch, heads=heads, seq=seq,
+              checkpoint_group_size=group,
+              fwd_bwd_peak_bytes=_peak_bytes(_ttt_fns(inner, impl, causal, mb, group)[1],
+                                             params, x, x, x, eta))
 
 
 def bench_attention(batch, heads, seq, d, repeats, matmul_rate):
@@ -85,6 +105,7 @@ def _record(mixer, impl, batch, heads, seq, t_fwd, t_bwd, fwd_flops, matmul_rate
       mixer=mixer, impl=impl, batch=batch, heads=heads, seq=seq, **extra,
       fwd_s=round(t_fwd, 5), fwd_bwd_s=round(t_bwd, 5),
       fwd_tokens_per_s=round(tokens / t_fwd, 1), fwd_bwd_tokens_per_s=round(tokens / t_bwd, 1),
+      fwd_bwd_over_fwd=round(t_fwd / t_bwd, 3),
       fwd_fraction_of_matmul=round(fwd_flops / t_fwd / matmul_rate, 4),
       fwd_bwd_fraction_of_matmul=round(3 * fwd_flops / t_bwd / matmul_rate, 4),
       peak_bytes=peak, device=jax.devices()[0].device_kind)
@@ -96,24 +117,36 @@ def main(argv=None):
   parser.add_argument("--heads", type=int, default=2)
   parser.add_argument("--seqs", default="1024,4096", help="comma-separated sequence lengths")
   parser.add_argument("--head_dim", type=int, default=64)
-  parser.add_argument("--impls", default="grad,dual")
+  parser.add_argument("--impls", default="grad,dual_autodiff,dual")
+  parser.add_argument("--causal", default="false", help="comma-separated: false, true")
+  parser.add_argument("--memory_seqs", default="",
+                      help="comma-separated lengths for compile-only fwd+bwd footprint rows")
+  parser.add_argument("--no_attention", action="store_true")
   parser.add_argument("--inners", default="mlp,linear")
   parser.add_argument("--checkpoint_group_size", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args(argv)
 
+  causals = [{"false": False, "true": True}[c] for c in args.causal.split(",")]
   matmul_rate = matmul_flops_per_s(args.repeats)
   print(json.dumps({"case": "dense_matmul_1024", "flops_per_s": round(matmul_rate),
                     "device": jax.devices()[0].device_kind}), flush=True)
   for seq in map(int, args.seqs.split(",")):
     for inner in args.inners.split(","):
       mb = 64 if inner == "mlp" else 16  # the paper's training mini-batch sizes
-      for impl in args.impls.split(","):
-        print(json.dumps(bench_ttt(inner, impl, args.batch, args.heads, seq, args.head_dim, mb,
-                                   args.checkpoint_group_size, args.repeats, matmul_rate)),
-              flush=True)
-    print(json.dumps(bench_attention(args.batch, args.heads, seq, args.head_dim, args.repeats,
-                                     matmul_rate)), flush=True)
+      for causal, impl in itertools.product(causals, args.impls.split(",")):
+        print(json.dumps(bench_ttt(inner, impl, causal, args.batch, args.heads, seq,
+                                   args.head_dim, mb, args.checkpoint_group_size, args.repeats,
+                                   matmul_rate)), flush=True)
+    if not args.no_attention:
+      print(json.dumps(bench_attention(args.batch, args.heads, seq, args.head_dim, args.repeats,
+                                       matmul_rate)), flush=True)
+  for seq in (int(s) for s in args.memory_seqs.split(",") if s):
+    for inner in args.inners.split(","):
+      mb = 64 if inner == "mlp" else 16
+      for causal, impl in itertools.product(causals, args.impls.split(",")):
+        print(json.dumps(ttt_memory(inner, impl, causal, args.batch, args.heads, seq,
+                                    args.head_dim, mb, args.checkpoint_group_size)), flush=True)
 
 
 if __name__ == "__main__":

@@ -253,8 +253,11 @@ def test_errors_are_clear():
     ttt_scan("mlp", params, xq, xk, xv, eta, mini_batch_size=4)
 
 
-@pytest.mark.parametrize("impl", ["grad", "dual"])
-def test_checkpoint_groups_bound_backward_memory(impl):
+# Without groups, autodiff keeps every mini-batch's activations and weights; impl="dual" keeps
+# only the weights (its backward recomputes the activations), so its ungrouped growth is smaller
+# and groups of 8 cut it by less than 10x (the saved inputs grow either way).
+@pytest.mark.parametrize("impl,max_ratio", [("grad", 0.1), ("dual", 0.25)])
+def test_checkpoint_groups_bound_backward_memory(impl, max_ratio):
   """XLA's compiled temporaries for fwd+bwd: per-mini-batch residuals without groups, only
   group-boundary weights with them (16 -> 128 mini-batches)."""
   params = init_params("mlp", jax.random.key(0), 1, 16)
@@ -269,4 +272,4 @@ def test_checkpoint_groups_bound_backward_memory(impl):
   growth_plain = temp_bytes(1024, None) - temp_bytes(128, None)
   growth_grouped = temp_bytes(1024, 8) - temp_bytes(128, 8)
   assert growth_plain > 0
-  assert growth_grouped < 0.1 * growth_plain, (growth_grouped, growth_plain)
+  assert growth_grouped < max_ratio * growth_plain, (growth_grouped, growth_plain)

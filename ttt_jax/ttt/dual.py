@@ -76,22 +76,34 @@ class Dots:
 # Element-wise pieces and their derivatives (rows of [n, d]; ln_w, ln_b [d] or [1, d]).
 
 
-def gelu_tanh(x: jax.Array) -> jax.Array:
-  return 0.5 * x * (1.0 + jnp.tanh(_GELU_C * (x + _GELU_K * x**3)))
+def _gelu_tanh_t(x: jax.Array) -> jax.Array:
+  """t = tanh(u), u = c (x + k x^3): the one transcendental of gelu_tanh and its derivatives.
+
+  The step computes it once per activation and keeps it for the backward; XLA on CPU would
+  otherwise evaluate tanh again in every fusion that reads it.
+  """
+  return jnp.tanh(_GELU_C * (x + _GELU_K * x**3))
 
 
-def gelu_tanh_grad(x: jax.Array) -> jax.Array:
-  """d gelu_tanh / dx, exact constants (the reference rounds them; see golden README)."""
-  t = jnp.tanh(_GELU_C * (x + _GELU_K * x**3))
+def _gelu(x, t):
+  return 0.5 * x * (1.0 + t)
+
+
+def _gelu_grad(x, t):
+  """d gelu_tanh / dx = (1 + t) / 2 + x (1 - t^2) u' / 2, exact constants (the reference rounds
+  them; see golden README)."""
   du = _GELU_C * (1.0 + 3 * _GELU_K * x * x)
   return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
 
 
-def gelu_tanh_grad2(x: jax.Array) -> jax.Array:
-  """d^2 gelu_tanh / dx^2 = (1 - t^2) (u' + 3 c k x^2 - x t u'^2), u = c (x + k x^3), t = tanh u."""
-  t = jnp.tanh(_GELU_C * (x + _GELU_K * x**3))
+def _gelu_grad2(x, t):
+  """d^2 gelu_tanh / dx^2 = (1 - t^2) (u' + 3 c k x^2 - x t u'^2)."""
   du = _GELU_C * (1.0 + 3 * _GELU_K * x * x)
   return (1.0 - t * t) * (du + 3 * _GELU_C * _GELU_K * x * x - x * t * du * du)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  return _gelu(x, _gelu_tanh_t(x))
 
 
 def _mean(x: jax.Array) -> jax.Array:
@@ -140,8 +152,8 @@ def _ln_l2_grad_bwd(dg, x_hat, inv_std, target, ln_w, ln_b):
   d_hat = d_g * ln_w * ln_w - a * _mean(g_hat * x_hat) - g_hat * a_hat
   dz = _normalise_bwd(d_hat, x_hat, inv_std) - inv_std * x_hat * _mean(dg * grad)
   pred = ln_w * x_hat + ln_b - target
-  d_lnw = jnp.sum(d_g * (pred + ln_w * x_hat), axis=0)
-  d_lnb = jnp.sum(d_g * ln_w, axis=0)
+  d_lnw = jnp.sum(d_g * (pred + ln_w * x_hat), axis=0, keepdims=True)
+  d_lnb = jnp.sum(d_g * ln_w, axis=0, keepdims=True)
   return dz, -d_g * ln_w, d_lnw, d_lnb
 
 
@@ -200,23 +212,24 @@ def forward(inner: str, w: Weights, ln_w: jax.Array, ln_b: jax.Array, mb: MiniBa
   z1 = dots.nn(mb.xk, w["W1"]) + w["b1"]
   res = {}
   if inner == "mlp":
-    x2 = gelu_tanh(z1)
+    t1 = _gelu_tanh_t(z1)
+    x2 = _gelu(z1, t1)
     z_last = dots.nn(x2, w["W2"]) + w["b2"]
   else:
     z_last = z1
   res["z_hat"], res["z_inv_std"] = _normalise(z_last, eps)
   g_last = _ln_l2_grad(res["z_hat"], res["z_inv_std"], target, ln_w, ln_b)[0]
   if inner == "mlp":
-    res.update(z1=z1, hid=dots.nt(g_last, w["W2"]), g2=g_last)
-    g1 = res["hid"] * gelu_tanh_grad(z1)
+    res.update(z1=z1, t1=t1, hid=dots.nt(g_last, w["W2"]), g2=g_last)
+    g1 = res["hid"] * _gelu_grad(z1, t1)
   else:
     g1 = g_last
   w1, b1, zq, res["s1"] = _layer_forward(mb.xk, mb.xq, w["W1"], w["b1"], g1, mb, dots)
   new = {"W1": w1, "b1": b1}
   if inner == "mlp":
-    res["zq1"] = zq
-    w2, b2, zq, res["s2"] = _layer_forward(x2, gelu_tanh(zq), w["W2"], w["b2"], g_last, mb,
-                                           dots)
+    res["zq1"], res["tq1"] = zq, _gelu_tanh_t(zq)
+    w2, b2, zq, res["s2"] = _layer_forward(x2, _gelu(zq, res["tq1"]), w["W2"], w["b2"], g_last,
+                                           mb, dots)
     new.update(W2=w2, b2=b2)
   res["zq_hat"], res["zq_inv_std"] = _normalise(zq, eps)
   res = {k: v for k, v in res.items() if v is not None}
@@ -245,18 +258,19 @@ def backward(inner: str, w: Weights, w_new: Weights, ln_w: jax.Array, ln_b: jax.
   """
   target = mb.xv - mb.xk
   # z = xq + LN(Zq_L).
-  d_lnw = jnp.sum(dz * res["zq_hat"], axis=0)
-  d_lnb = jnp.sum(dz, axis=0)
+  # Row sums keep their axis ([1, d]): Mosaic wants 2-D values.
+  d_lnw = jnp.sum(dz * res["zq_hat"], axis=0, keepdims=True)
+  d_lnb = jnp.sum(dz, axis=0, keepdims=True)
   dzq = _normalise_bwd(dz * ln_w, res["zq_hat"], res["zq_inv_std"])
   dw, z_hat, z_inv_std = {}, res["z_hat"], res["z_inv_std"]
   if inner == "mlp":
-    z1 = res["z1"]
-    x2, xq2 = gelu_tanh(z1), gelu_tanh(res["zq1"])
-    g1 = res["hid"] * gelu_tanh_grad(z1)
+    z1, t1, zq1, tq1 = res["z1"], res["t1"], res["zq1"], res["tq1"]
+    x2, xq2, gelu_grad1 = _gelu(z1, t1), _gelu(zq1, tq1), _gelu_grad(z1, t1)
+    g1 = res["hid"] * gelu_grad1
     dw["W2"], dw["b2"], dxq2, dx2, dg2, d_col, d_mat = _layer_backward(
         x2, xq2, w["W2"], w_new["W2"], res["g2"], res.get("s2"), mb, dw_new["W2"],
         dw_new["b2"], dzq, dots)
-    dzq = dxq2 * gelu_tanh_grad(res["zq1"])
+    dzq = dxq2 * _gelu_grad(zq1, tq1)
     g_last = res["g2"]
   else:
     g1 = g_last = _ln_l2_grad(z_hat, z_inv_std, target, ln_w, ln_b)[0]
@@ -267,8 +281,8 @@ def backward(inner: str, w: Weights, w_new: Weights, ln_w: jax.Array, ln_b: jax.
     d_col = d_col + d_col1
     d_mat = None if d_mat is None else d_mat + d_mat1
     # G1 = H * gelu'(Z1), H = G2 W2^T.
-    d_hid = dg1 * gelu_tanh_grad(z1)
-    dz1 = dg1 * res["hid"] * gelu_tanh_grad2(z1)
+    d_hid = dg1 * gelu_grad1
+    dz1 = dg1 * res["hid"] * _gelu_grad2(z1, t1)
     dg_last = dg2 + dots.nn(d_hid, w["W2"])
     dw["W2"] = dw["W2"] + dots.tn(d_hid, g_last)
   else:
@@ -279,7 +293,7 @@ def backward(inner: str, w: Weights, w_new: Weights, ln_w: jax.Array, ln_b: jax.
     # Z2 = X2 W2 + b2, X2 = gelu(Z1).
     dw["W2"] = dw["W2"] + dots.tn(x2, dz_last)
     dw["b2"] = dw["b2"] + jnp.sum(dz_last, axis=0, keepdims=True)
-    dz1 = dz1 + (dx2 + dots.nt(dz_last, w["W2"])) * gelu_tanh_grad(z1)
+    dz1 = dz1 + (dx2 + dots.nt(dz_last, w["W2"])) * gelu_grad1
   else:
     dz1 = dz_last
   # Z1 = xk W1 + b1; target = xv - xk; z = xq + ...

@@ -88,32 +88,36 @@ def _dual_scan(cfg: _DualConfig, w0: inner_lib.Weights, ln_w: jax.Array, ln_b: j
 
 
 def _forward_collect(cfg: _DualConfig, w0, ln_w, ln_b, xs):
-  """The scan, also returning the weights before each mini-batch and its residuals, stacked."""
+  """The scan, also returning the weights before each mini-batch, stacked."""
   def body(w, mb):
-    w_new, z, res = cfg.forward(w, ln_w, ln_b, mb)
-    return w_new, (z, w, res)
-  w_end, (z, ws, res) = jax.lax.scan(body, w0, xs)
-  return w_end, z, ws, res
+    w_new, z = cfg.forward(w, ln_w, ln_b, mb)[:2]
+    return w_new, (z, w)
+  w_end, (z, ws) = jax.lax.scan(body, w0, xs)
+  return w_end, z, ws
 
 
-def _backprop(cfg: _DualConfig, ws, w_end, res, ln_w, ln_b, xs, dz, carry):
-  """Walks mini-batches in reverse through `dual.backward`; carry = (dW, d ln_w, d ln_b)."""
-  # The weights after mini-batch i are those before i + 1.
-  w_after = jax.tree.map(lambda s, e: jnp.concatenate([s[1:], e[None]]), ws, w_end)
+def _backprop(cfg: _DualConfig, ws, ln_w, ln_b, xs, dz, carry):
+  """Walks mini-batches in reverse through `dual.backward`; carry = (dW, d ln_w, d ln_b).
 
+  Each mini-batch's activations are recomputed from its weights here rather than stacked by
+  `_forward_collect`: on CPU, writing and re-reading [b, 4d] activations per mini-batch costs more
+  than the matmuls that recompute them.
+  """
   def body(carry, inputs):
     dw, d_lnw, d_lnb = carry
-    w, w_new, r, mb, dz_i = inputs
-    dw, a, b, d_mb = dual.backward(cfg.inner, w, w_new, ln_w, ln_b, mb, r, dw, dz_i,
+    w, mb, dz_i = inputs
+    w_new, _, res = cfg.forward(w, ln_w, ln_b, mb)
+    dw, a, b, d_mb = dual.backward(cfg.inner, w, w_new, ln_w, ln_b, mb, res, dw, dz_i,
                                    dots=cfg.dots)
     return (dw, d_lnw + a, d_lnb + b), d_mb
 
-  return jax.lax.scan(body, carry, (ws, w_after, res, xs, dz), reverse=True)
+  return jax.lax.scan(body, carry, (ws, xs, dz), reverse=True)
 
 
 def _split_groups(tree, g: int):
-  """[n, ...] leaves -> ([n // g, g, ...], [n % g, ...])."""
+  """[n, ...] leaves -> ([n // g, g, ...], [n % g, ...]); a g over n is cut to n."""
   n = jax.tree.leaves(tree)[0].shape[0]
+  g = min(g, n)
   n_full = n // g
   full = jax.tree.map(lambda a: a[:n_full * g].reshape(n_full, g, *a.shape[1:]), tree)
   return full, jax.tree.map(lambda a: a[n_full * g:], tree)
@@ -121,10 +125,10 @@ def _split_groups(tree, g: int):
 
 def _dual_scan_fwd(cfg, w0, ln_w, ln_b, xs):
   if cfg.group_size is None:
-    final, z, ws, res = _forward_collect(cfg, w0, ln_w, ln_b, xs)
-    return (final, z), (ln_w, ln_b, xs, (ws, final, res))
+    final, z, ws = _forward_collect(cfg, w0, ln_w, ln_b, xs)
+    return (final, z), (ln_w, ln_b, xs, ws)
   # Keep only the weights at group starts; the backward recomputes one group at a time.
-  full, tail = _split_groups(xs, min(cfg.group_size, xs.xq.shape[0]))
+  full, tail = _split_groups(xs, cfg.group_size)
   step = lambda w, mb: cfg.forward(w, ln_w, ln_b, mb)[:2]
 
   def group(w, xg):
@@ -145,18 +149,17 @@ def _dual_scan_bwd(cfg, saved, cotangents):
   dw, dz = cotangents
   carry = (dw, jnp.zeros_like(ln_w), jnp.zeros_like(ln_b))
   if cfg.group_size is None:
-    ws, final, res = rest
-    (dw, d_lnw, d_lnb), dxs = _backprop(cfg, ws, final, res, ln_w, ln_b, xs, dz, carry)
+    (dw, d_lnw, d_lnb), dxs = _backprop(cfg, rest, ln_w, ln_b, xs, dz, carry)
     return dw, d_lnw, d_lnb, dxs
 
   def group(carry, inputs):
     w_start, xg, dzg = inputs
-    w_end, _, ws, res = _forward_collect(cfg, w_start, ln_w, ln_b, xg)
-    return _backprop(cfg, ws, w_end, res, ln_w, ln_b, xg, dzg, carry)
+    ws = _forward_collect(cfg, w_start, ln_w, ln_b, xg)[2]
+    return _backprop(cfg, ws, ln_w, ln_b, xg, dzg, carry)
 
   ckpts, w_tail = rest
-  full, tail = _split_groups(xs, min(cfg.group_size, xs.xq.shape[0]))
-  dz_full, dz_tail = _split_groups(dz, min(cfg.group_size, xs.xq.shape[0]))
+  full, tail = _split_groups(xs, cfg.group_size)
+  dz_full, dz_tail = _split_groups(dz, cfg.group_size)
   dxs_tail = None
   if tail.xq.shape[0]:
     carry, dxs_tail = group(carry, (w_tail, tail, dz_tail))
@@ -177,19 +180,16 @@ def _scan_groups(step, w0, xs, group_size: int | None):
   and recomputes inside one group at a time, so memory grows with seq/g * state + g * activations
   instead of seq/b * state.
   """
-  n = jax.tree.leaves(xs)[0].shape[0]
   run = lambda w, chunk: jax.lax.scan(step, w, chunk)
   if group_size is None:
     return run(w0, xs)
   run = jax.checkpoint(run)
-  g = min(group_size, n)
-  n_full, rem = divmod(n, g)
-  grouped = jax.tree.map(lambda a: a[:n_full * g].reshape(n_full, g, *a.shape[1:]), xs)
-  w, z = jax.lax.scan(run, w0, grouped)
-  z = z.reshape(n_full * g, *z.shape[2:])
-  if rem:
-    w, z_rem = run(w, jax.tree.map(lambda a: a[n_full * g:], xs))
-    z = jnp.concatenate([z, z_rem], axis=0)
+  full, tail = _split_groups(xs, group_size)
+  w, z = jax.lax.scan(run, w0, full)
+  z = z.reshape(-1, *z.shape[2:])
+  if jax.tree.leaves(tail)[0].shape[0]:
+    w, z_tail = run(w, tail)
+    z = jnp.concatenate([z, z_tail], axis=0)
   return w, z
 
 
@@ -239,7 +239,7 @@ def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.A
     causal: within-mini-batch causal read-out (language models) instead of W_i for all (video).
     impl: "grad", "dual", "dual_autodiff" or "pallas" (same numbers; see the module docstring).
     checkpoint_group_size: rematerialise every this many mini-batches in the backward pass;
-      None stores every mini-batch's residuals.
+      None keeps every mini-batch's residuals (impl="dual": its starting weights).
     eps: inner LayerNorm epsilon (the reference uses 1e-8).
     matmul_dtype: operand dtype of the inner matmuls for the dual and pallas impls, e.g.
       jnp.bfloat16 (the MXU's and tensor cores' rate); the inner state, the statistics and the
