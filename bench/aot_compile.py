@@ -12,7 +12,9 @@ per-layer bytes are (bytes(N) - bytes(M)) / (N - M); the JSON says how many laye
 
 Keys: per_device_bytes = arguments + outputs + temps - aliases (memory_analysis, per chip),
 flops_per_step (cost_analysis, per chip: XLA counts the partitioned program), params,
-trainable_params, compile_seconds, peak_host_rss_bytes.
+trainable_params, compile_seconds, peak_host_rss_bytes. A step over HBM does not compile for
+TPU: then fits is false, per_device_bytes null, and temp_bytes is what the compiler said its
+temporaries need.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import json  # noqa: E402
+import re  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
 
@@ -90,25 +93,39 @@ def compile_train_step(config, devices: list[jax.Device]) -> dict:
   step_fn = train.make_train_step(config, setup, null_text, batch_sh, opt_sh)
   step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
 
-  start = time.perf_counter()
-  lowered = step_fn.lower(trainable, frozen, opt_state, batch, step)
-  lower_seconds = time.perf_counter() - start
-  compiled = lowered.compile()
-  compile_seconds = time.perf_counter() - start - lower_seconds
-
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   count = lambda tree: int(sum(np.prod(a.shape) for a in jax.tree.leaves(tree)))
-  return {
+  result = {
       "stage": config.stage,
       "num_layers": config.model.num_layers,
       "dtype": config.model.dtype,
+      "attention": config.model.get("attention_impl", "xla"),
       "global_batch": b,
       "devices": len(devices),
       "mesh": dict(mesh.shape),
       "params": count(setup.abstract),
       "trainable_params": count(trainable),
+  }
+  start = time.perf_counter()
+  lowered = step_fn.lower(trainable, frozen, opt_state, batch, step)
+  result["lower_seconds"] = round(time.perf_counter() - start, 1)
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    # The TPU compiler refuses a program over HBM, saying how much its temporaries need.
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    need = re.search(r"HLO temporaries \(([\d.]+)([KMGT]?)\)", str(e))
+    result.update(compile_error=str(e).splitlines()[0][:300], per_device_bytes=None,
+                  temp_bytes=(int(float(need[1]) * 1024 ** " KMGT".index(need[2] or " "))
+                              if need else None))
+    return result
+  result["compile_seconds"] = round(time.perf_counter() - start - result["lower_seconds"], 1)
+
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {
+      **result,
       "argument_bytes": mem.argument_size_in_bytes,
       "output_bytes": mem.output_size_in_bytes,
       "alias_bytes": mem.alias_size_in_bytes,
@@ -116,8 +133,6 @@ def compile_train_step(config, devices: list[jax.Device]) -> dict:
       "per_device_bytes": (mem.argument_size_in_bytes + mem.output_size_in_bytes
                            + mem.temp_size_in_bytes - mem.alias_size_in_bytes),
       "flops_per_step": cost.get("flops"),
-      "lower_seconds": round(lower_seconds, 1),
-      "compile_seconds": round(compile_seconds, 1),
   }
 
 
@@ -125,8 +140,10 @@ def main(argv):
   del argv
   result = compile_train_step(_CONFIG.value, topology_devices(_TOPOLOGY.value))
   hbm = _HBM[_TOPOLOGY.value.split("-")[0]]
-  result.update(topology=_TOPOLOGY.value, hbm_bytes=hbm, fits=result["per_device_bytes"] <= hbm,
-                per_device_gib=round(result["per_device_bytes"] / 2**30, 2),
+  per_device = result["per_device_bytes"]
+  result.update(topology=_TOPOLOGY.value, hbm_bytes=hbm,
+                fits=per_device is not None and per_device <= hbm,
+                per_device_gib=None if per_device is None else round(per_device / 2**30, 2),
                 # ru_maxrss is in KiB on Linux.
                 peak_host_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
   print(json.dumps(result))
