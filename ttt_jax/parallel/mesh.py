@@ -7,6 +7,13 @@ the model. Mesh axes:
   fsdp     data parallelism with parameters and optimizer state sharded over it (ZeRO-3 style)
   context  the sequence axis of activations: a minute of video is ~351k tokens
   tensor   heads / MLP hidden split (Megatron style)
+
+Activations are pinned by `constrain` while the train step traces under `activation_rules`:
+the residual stream [batch, seq, width] is split over (data x fsdp) by batch and over context by
+sequence; q/k/v over tensor by heads; the MLP hidden over tensor. Not yet done (issue 12): the
+all-to-all from sequence to head sharding around attention and TTT (Ulysses), so with context > 1
+XLA gathers the sequence where a segment's attention or the TTT scan needs all of it, and the
+segment gather/scatter of models/dit.Layout does the same.
 """
 from __future__ import annotations
 
