@@ -58,6 +58,9 @@ def stage_config(seconds: int, arg=None) -> ml_collections.ConfigDict:
       mixer_gate_init=0.1,             # tanh(alpha), tanh(beta) gates start near 0.1
       mixer_options=mixer_options(args["mixer"], runlocal),
       remat=True,
+      # "xla" holds a segment's whole [18k x 18k] x 48-head scores in the backward pass (about
+      # 62 GB of float32 per sample at 3 s: bench/aot_compile.py); "chunked" holds 512 rows.
+      attention_impl="xla",
       dtype="bfloat16",                # compute; parameters stay float32
   ))
   c.text = ml_collections.ConfigDict(dict(
