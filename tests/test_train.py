@@ -27,7 +27,7 @@ class FakeLoader:
     self.c, self.nan_at = config, nan_at
     self.null_text = np.zeros((config.text.max_length, config.model.text_embed_dim), np.float32)
 
-  def batch(self, step):
+  def batch(self, step, rows=None):
     c = self.c
     rng = np.random.default_rng([7, step])
     lat = rng.normal(size=(c.train.batch_size, 1 + 12 * c.segments, c.model.in_channels,
@@ -36,7 +36,8 @@ class FakeLoader:
       lat[0, 0, 0, 0, 0] = np.nan
     text = rng.normal(size=(c.train.batch_size, c.segments, c.text.max_length,
                             c.model.text_embed_dim)).astype(np.float32)
-    return {"latents": lat, "text": text}
+    rows = slice(None) if rows is None else rows
+    return {"latents": lat[rows], "text": text[rows]}
 
 
 def _losses(workdir):

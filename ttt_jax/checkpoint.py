@@ -6,6 +6,10 @@ leaves a half-written checkpoint behind under the final name (the temporary dire
 when the CheckpointManager is next opened with cleanup_tmp_directories). A finished checkpoint can
 still be damaged later (a disk fault, a truncated copy): `restore_newest` then uses the newest
 step that restores and moves the broken ones aside.
+
+Paths are `etils.epath` paths: a `gs://` bucket works wherever a local path does. On many
+processes, a write that takes global (sharded) arrays runs on every process, each writing its own
+shards (`save_params`, the CheckpointManager); small files are written by process 0 alone.
 """
 from __future__ import annotations
 
@@ -33,25 +37,32 @@ def _metadata_tree(ckptr: ocp.StandardCheckpointer, directory: str) -> Any:
   return getattr(stored, "tree", stored)
 
 
+def as_path(path: str | os.PathLike) -> epath.Path:
+  """`path` as an absolute epath.Path: a local path made absolute (Orbax needs that), a URL
+  (gs://...) as it is."""
+  text = os.fspath(path)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def read_json(path: str | os.PathLike) -> Any:
   """A checkpoint's JSON file (config.json); ValueError naming the file when it is not JSON."""
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except ValueError as e:
-      raise ValueError(f"{os.fspath(path)}: not valid JSON ({e})") from e
+  try:
+    return json.loads(as_path(path).read_text())
+  except ValueError as e:
+    raise ValueError(f"{os.fspath(path)}: not valid JSON ({e})") from e
 
 
 def stored_shapes(directory: str | os.PathLike) -> Any:
   """The stored pytree's structure without reading it: nested dicts of leaves with .shape and
   .dtype."""
   with ocp.StandardCheckpointer() as ckptr:
-    return _metadata_tree(ckptr, os.path.abspath(os.fspath(directory)))
+    return _metadata_tree(ckptr, as_path(directory))
 
 
 def save_params(directory: str | os.PathLike, params: Any) -> None:
-  """Writes a pytree of arrays to `directory` (must not exist yet), atomically."""
-  directory = os.path.abspath(os.fspath(directory))
+  """Writes a pytree of arrays to `directory` (must not exist yet), atomically. On many
+  processes every process calls it with the same global arrays; each writes its shards."""
+  directory = as_path(directory)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(directory, params)
     ckptr.wait_until_finished()
@@ -69,19 +80,24 @@ def load_params(directory: str | os.PathLike, target: Any | None = None) -> Any:
     ValueError: listing every expected key the checkpoint lacks and every key it has that
       the target does not expect, or a shape mismatch.
   """
-  directory = os.path.abspath(os.fspath(directory))
+  directory = as_path(directory)
+  # Leaves without a sharding of their own go to this process's first device, not to the
+  # shardings stored with the checkpoint: those name the devices of the run that wrote it (a
+  # model exported by a many-host run is read on one host).
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with ocp.StandardCheckpointer() as ckptr:
+    stored = _metadata_tree(ckptr, directory)
     if target is None:
-      return ckptr.restore(directory)
-    have, want = _flat_keys(_metadata_tree(ckptr, directory)), _flat_keys(target)
+      target = stored
+    have, want = _flat_keys(stored), _flat_keys(target)
     if have != want:
       raise ValueError(
           f"checkpoint {directory} does not match the model:\n"
           f"  missing from checkpoint: {sorted(want - have)}\n"
           f"  unexpected in checkpoint: {sorted(have - want)}")
     abstract = jax.tree.map(
-        lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
-        else jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
+        lambda x: x if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None
+        else jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=local), target)
     return ckptr.restore(directory, abstract)
 
 
@@ -119,14 +135,14 @@ def tree_mismatch(stored: Any, expected: Any) -> list[str]:
       [f"shape mismatches {_listed(shapes)}"] if shapes else [])
 
 
-def _move_aside(step_dir: str, aside_dir: str) -> str:
-  os.makedirs(aside_dir, exist_ok=True)
-  name, n = os.path.basename(step_dir), 1
-  target = os.path.join(aside_dir, name)
-  while os.path.exists(target):  # broken twice at the same step: keep both
-    target, n = os.path.join(aside_dir, f"{name}.{n}"), n + 1
-  os.rename(step_dir, target)
-  return target
+def _move_aside(step_dir: epath.Path, aside_dir: epath.Path) -> str:
+  aside_dir.mkdir(parents=True, exist_ok=True)
+  name, n = step_dir.name, 1
+  target = aside_dir / name
+  while target.exists():  # broken twice at the same step: keep both
+    target, n = aside_dir / f"{name}.{n}", n + 1
+  step_dir.rename(target)
+  return str(target)
 
 
 class _Mismatch(Exception):
@@ -134,7 +150,7 @@ class _Mismatch(Exception):
 
 
 def restore_newest(mngr: ocp.CheckpointManager, args: ocp.args.Composite,
-                   expected: Mapping[str, Any], aside_dir: str
+                   expected: Mapping[str, Any], aside_dir: str | os.PathLike
                    ) -> tuple[int | None, Any, list[str]]:
   """Restores the newest step of `mngr` that restores; steps that do not are moved to
   `aside_dir` (kept, not deleted) and reported.
@@ -155,12 +171,13 @@ def restore_newest(mngr: ocp.CheckpointManager, args: ocp.args.Composite,
       model or trainable groups): the run must not fall back past it, nor move it.
   """
   skipped = []
+  aside_dir = as_path(aside_dir)
   for step in sorted(mngr.all_steps(), reverse=True):
-    step_dir = os.path.join(os.fspath(mngr.directory), str(step))
+    step_dir = epath.Path(mngr.directory) / str(step)
     try:
       for name, tree in expected.items():
         # Read directly: the manager knows its items' handlers only after a save or restore.
-        stored = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / name)
+        stored = ocp.StandardCheckpointHandler().metadata(step_dir / name)
         stored = getattr(stored, "tree", stored)
         if not _shapes(stored):
           raise ValueError(f"{name}: its metadata lists no arrays")
@@ -178,8 +195,8 @@ def restore_newest(mngr: ocp.CheckpointManager, args: ocp.args.Composite,
       raise
     except (ValueError, OSError) as e:  # TensorStore, JSON and file errors: a damaged step
       reason = " ".join(str(e).split())[:300]
-      moved = os.path.join(aside_dir, str(step))
-      if jax.process_index() == 0:  # one host moves it; the others wait (untested: one host here)
+      moved = str(aside_dir / str(step))
+      if jax.process_index() == 0:  # one host moves it; the others wait
         moved = _move_aside(step_dir, aside_dir)
       if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"checkpoint step {step} moved aside")
@@ -188,3 +205,32 @@ def restore_newest(mngr: ocp.CheckpointManager, args: ocp.args.Composite,
       logging.warning("%s", skipped[-1])
       mngr.reload()
   return None, None, skipped
+
+
+def finished_step(workdir: str | os.PathLike) -> int | None:
+  """The step of a training workdir's newest finished checkpoint (Orbax's own record of which
+  steps finished, read without restoring), None when it has none."""
+  directory = as_path(workdir) / "checkpoints"
+  if not directory.is_dir():
+    return None
+  with ocp.CheckpointManager(directory) as mngr:
+    return mngr.latest_step()
+
+
+def stage_finished(workdir: str | os.PathLike) -> bool:
+  """Whether a training workdir holds a finished stage: its newest checkpoint is at the
+  train.steps of the config.json the run wrote, and its model/ export is complete (config.json is
+  written last)."""
+  workdir = as_path(workdir)
+  if not (workdir / "config.json").exists() or not (workdir / "model" / "config.json").exists():
+    return False
+  steps = read_json(workdir / "config.json")["train"]["steps"]
+  return finished_step(workdir) == int(steps)
+
+
+if __name__ == "__main__":
+  # launch/stages.sh: `python -m ttt_jax.checkpoint WORKDIR` exits 0 when the stage is finished.
+  import sys  # pylint: disable=g-import-not-at-top
+  if len(sys.argv) != 2:
+    sys.exit("usage: python -m ttt_jax.checkpoint WORKDIR  (exit 0: the stage is finished)")
+  sys.exit(0 if stage_finished(sys.argv[1]) else 1)

@@ -32,15 +32,18 @@ JAX's preemption sync point) saves a checkpoint at the step reached, flushes the
 and raises `cli.Preempted`: the command exits 0 with one line saying how to resume. A run that
 fails before its first step finishes leaves nothing behind in DIR (no checkpoints/, config.json,
 metrics or events file).
+
+Many processes (TPU VM slices, GPU clusters; `--distributed`): each process reads the rows of the
+global batch its own devices hold (`loader.process_rows` of the batch sharding). Writes of global
+arrays (checkpoints, the model export) run on every process; small files (config.json,
+metrics.jsonl, model/config.json) on process 0 alone. DIR may be a gs:// path (etils.epath).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import json
 import os
-import shutil
 import signal
 import threading
 import zlib
@@ -53,10 +56,13 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import nnx, traverse_util
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ttt_jax import checkpoint, cli, diffusion
+from ttt_jax.data.loader import process_rows
 from ttt_jax.models.dit import DiT, DiTConfig
 from ttt_jax.models.dit_convert import is_new_param, save_dit
 from ttt_jax.parallel import mesh as mesh_lib
@@ -266,11 +272,12 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, null_text: 
 
 # ---------------------------------------------------------------------------- checkpoints
 
-def _checkpoint_manager(workdir: str, train: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+def _checkpoint_manager(workdir: epath.Path, train: ml_collections.ConfigDict
+                        ) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=int(train.keep_checkpoints), create=True, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options, item_names=("params", "opt_state", "meta"))
+  return ocp.CheckpointManager(workdir / "checkpoints", options=options,
+                               item_names=("params", "opt_state", "meta"))
 
 
 def _with_shardings(tree, shardings):
@@ -278,19 +285,18 @@ def _with_shardings(tree, shardings):
                       tree, shardings)
 
 
-def _stored_params_dir(source: str) -> str:
+def _stored_params_dir(source: str) -> epath.Path:
   """The parameter checkpoint of a previous stage's workdir or of a converted model dir."""
-  source = os.path.abspath(source)
-  ckpts = os.path.join(source, "checkpoints")
-  if os.path.isdir(ckpts):
-    with ocp.CheckpointManager(ckpts) as mngr:
-      step = mngr.latest_step()
+  source = checkpoint.as_path(source)
+  ckpts = source / "checkpoints"
+  if ckpts.is_dir():
+    step = checkpoint.finished_step(source)
     if step is None:
       raise ValueError(f"config.init_from={source}: {ckpts} holds no finished checkpoint")
-    return os.path.join(ckpts, str(step), "params")
+    return ckpts / str(step) / "params"
   for sub in ("model/params", "params"):
-    if os.path.isdir(os.path.join(source, sub)):
-      return os.path.join(source, sub)
+    if (source / sub).is_dir():
+      return source / sub
   raise ValueError(f"config.init_from={source}: neither a training workdir (checkpoints/) nor a "
                    "model directory (params/ + config.json)")
 
@@ -322,16 +328,66 @@ def load_handoff(setup: Setup, source: str, seed: int) -> tuple[dict[Path, jax.A
   return {p: restored[p] for p in setup.abstract}, ["/".join(p) for p in fresh]
 
 
-def export_model(directory: str, cfg: DiTConfig, params: dict[Path, jax.Array]) -> None:
-  """Writes `directory/params` + `config.json` (what `load_dit` reads), replacing a previous one."""
-  tmp = directory + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  save_dit(tmp, cfg, traverse_util.unflatten_dict(params))
-  shutil.rmtree(directory, ignore_errors=True)
-  os.replace(tmp, directory)
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def export_model(directory: str | os.PathLike, cfg: DiTConfig,
+                 params: dict[Path, jax.Array]) -> None:
+  """Writes `directory/params` + `config.json` (what `load_dit` reads), replacing a previous one.
+  Called on every process with the same global arrays: Orbax writes each process's shards and
+  commits the checkpoint once. config.json is written last, by process 0, so an export cut short
+  has none and `load_dit` (and `launch/stages.sh`) refuse it. No directory rename: a gs://
+  "directory" cannot be renamed atomically."""
+  directory = checkpoint.as_path(directory)
+  if jax.process_index() == 0 and directory.exists():
+    directory.rmtree()
+  _barrier(f"export {directory}: old removed")
+  save_dit(directory, cfg, traverse_util.unflatten_dict(params))
+  _barrier(f"export {directory}: written")
 
 
 # ---------------------------------------------------------------------------- the loop
+
+_BATCH_AXES = {"latents": ("batch",) + (None,) * 4, "text": ("batch",) + (None,) * 3}
+
+
+def batch_shardings(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                    ) -> tuple[dict[str, NamedSharding], np.ndarray]:
+  """({"latents", "text"} -> sharding of the global batch, the rows of it this process's devices
+  hold: int64 [R], sorted)."""
+  size = int(config.train.batch_size)
+  shardings = {k: mesh_lib.activation_sharding(mesh, names, (size,) + (1,) * (len(names) - 1),
+                                               _rules(config))
+               for k, names in _BATCH_AXES.items()}
+  rows = {k: process_rows(shardings[k], (size,) + (1,) * (len(names) - 1))
+          for k, names in _BATCH_AXES.items()}
+  if not np.array_equal(rows["latents"], rows["text"]):  # one logical axis: they cannot differ
+    raise ValueError(f"the latents and text batch shardings hold different rows: {rows}")
+  return shardings, rows["latents"]
+
+
+def global_batch(loader: Any, step: int, batch_size: int, shardings: dict[str, NamedSharding],
+                 rows: np.ndarray, check: Callable[[dict], None] | None = None
+                 ) -> dict[str, jax.Array]:
+  """The global batch at `step` built from this process's `rows` of it
+  (`loader.batch(step, rows)`): {"latents": [B, F, C, h, w], "text": [B, segments, L, D]} jax
+  Arrays with `shardings`, B = batch_size. `check(local)` sees the rows read, first."""
+  local = loader.batch(step, rows)
+  if check is not None:
+    check(local)
+  out = {}
+  for k, sharding in shardings.items():
+    value = np.asarray(local[k])
+    if value.shape[0] != len(rows):
+      raise ValueError(f"loader.batch({step}, rows) gave {value.shape[0]} rows of {k!r} for the "
+                       f"{len(rows)} rows asked")
+    # Reads this process's rows of the global batch from `value` in sorted order: `rows`' order.
+    out[k] = jax.make_array_from_process_local_data(sharding, value,
+                                                    (batch_size,) + value.shape[1:])
+  return out
+
 
 def _check_batch_shapes(config, batch, patch_size: int):
   c = config
@@ -350,27 +406,35 @@ def _check_batch_shapes(config, batch, patch_size: int):
                      f"{c.model.text_embed_dim}")
 
 
-def _write_jsonl(path: str, record: dict) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
-
-
-def _truncate_jsonl(path: str, last_step: int) -> None:
-  """After a resume, drop log lines of steps the restored checkpoint had not reached (and a last
-  line a hard kill cut short)."""
-  if not os.path.exists(path):
+@contextlib.contextmanager
+def _jsonl_log(path: epath.Path, first_step: int):
+  """Yields write(record) appending one JSON line per step to `path`, from process 0 only (the
+  others get a no-op: one writer, no race on shared storage). Lines of earlier runs are kept up
+  to step `first_step` (the restored checkpoint; 0: none), dropping those the checkpoint had not
+  reached and a last line a hard kill cut short. The file is rewritten once and then held open:
+  gs:// objects cannot be appended to (there, lines reach the bucket when the upload buffer
+  fills and when the run ends)."""
+  if jax.process_index() > 0:
+    yield lambda record: None
     return
 
   def keep(line):
     try:
-      return json.loads(line)["step"] <= last_step
+      return json.loads(line)["step"] <= first_step
     except (ValueError, KeyError, TypeError):
       return False
 
-  with open(path) as f:
-    lines = [l for l in f if l.strip() and keep(l)]
-  with open(path, "w") as f:
-    f.writelines(lines)
+  kept = ([l + "\n" for l in path.read_text().splitlines() if l.strip() and keep(l)]
+          if first_step and path.exists() else [])
+  with path.open("w") as f:
+    f.writelines(kept)
+    f.flush()
+
+    def write(record):
+      f.write(json.dumps(record) + "\n")
+      f.flush()
+
+    yield write
 
 
 @contextlib.contextmanager
@@ -394,13 +458,13 @@ def _sigterm_received():
 _RUN_FILES = ("checkpoints", "config.json", "metrics.jsonl", "events.out.tfevents.*", "hparams")
 
 
-def _remove_run_files(workdir: str, before: set[str] | None) -> None:
+def _remove_run_files(workdir: epath.Path, before: set[str] | None) -> None:
   for pattern in _RUN_FILES:
-    for path in glob.glob(os.path.join(workdir, pattern)):
-      if before is None or os.path.basename(path) not in before:
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-  if before is None and os.path.isdir(workdir) and not os.listdir(workdir):
-    os.rmdir(workdir)
+    for path in workdir.glob(pattern):
+      if before is None or path.name not in before:
+        path.rmtree() if path.is_dir() else path.unlink()
+  if before is None and workdir.is_dir() and not any(workdir.iterdir()):
+    workdir.rmdir()
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, loader: Any = None,
@@ -412,8 +476,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, loader: Any = None
   Args:
     config: a stage config (configs/tomjerry_*.py).
     workdir: output directory; an existing one with checkpoints is resumed.
-    loader: anything with `batch(step) -> {"latents", "text"}`, `null_text` [L, D]; default: a
-      `LatentLoader` over config.data.latents.
+    loader: anything with `batch(step, rows) -> {"latents", "text"}` (rows: the global-batch
+      rows this process's devices hold, int64 [R]; the arrays [R, ...]) and `null_text` [L, D];
+      default: a `LatentLoader` over config.data.latents.
     mesh: default: config.mesh (all devices on the data axis).
     on_step: called as on_step(step, total_steps, metrics) after each step (a progress bar).
 
@@ -424,8 +489,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, loader: Any = None
     cli.Preempted: SIGTERM (or a preemption sync point); the checkpoint of the step reached is
       saved.
   """
-  workdir = os.path.abspath(workdir)
-  before = set(os.listdir(workdir)) if os.path.isdir(workdir) else None
+  workdir = checkpoint.as_path(workdir)
+  before = {p.name for p in workdir.iterdir()} if workdir.is_dir() else None
   progress = {"resumed": False, "steps_done": 0}
   try:
     with _sigterm_received() as sigterm:
@@ -438,11 +503,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, loader: Any = None
     raise
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, loader: Any,
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, loader: Any,
            mesh: jax.sharding.Mesh | None, sigterm: list[int],
            progress: dict[str, Any], on_step=None) -> dict[str, Any]:
   """`train`'s body; records in `progress` whether it resumed and how many steps it finished."""
-  os.makedirs(workdir, exist_ok=True)
+  workdir.mkdir(parents=True, exist_ok=True)
   train_cfg = config.train
   if mesh is None:
     mesh = mesh_from_config(config)
@@ -451,15 +516,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, loader: Any,
     if not config.data.latents:
       raise ValueError("config.data.latents is empty: point it at a `python -m "
                        "ttt_jax.data.precompute` output")
-    loader = LatentLoader(config.data.latents, batch_size=train_cfg.batch_size, seed=config.seed,
-                          process_index=jax.process_index(), process_count=jax.process_count())
+    loader = LatentLoader(config.data.latents, batch_size=train_cfg.batch_size, seed=config.seed)
 
   setup = build_setup(config, mesh)
-  batch_sh = {
-      "latents": mesh_lib.activation_sharding(mesh, ("batch",) + (None,) * 4,
-                                              (train_cfg.batch_size, 1, 1, 1, 1), _rules(config)),
-      "text": mesh_lib.activation_sharding(mesh, ("batch",) + (None,) * 3,
-                                           (train_cfg.batch_size, 1, 1, 1), _rules(config))}
+  batch_sh, rows = batch_shardings(config, mesh)
+  total_batch = int(train_cfg.batch_size)
 
   tr_abs, _ = setup.split(setup.abstract)
   opt_abs = jax.eval_shape(setup.tx.init, tr_abs)
@@ -467,9 +528,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, loader: Any,
   step_fn = make_train_step(config, setup, loader.null_text, batch_sh, opt_sh)
 
   from ttt_jax.writers import metric_writers, parameter_overview, periodic_actions  # pylint: disable=g-import-not-at-top
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  writer = metric_writers.create_default_writer(os.fspath(workdir),
+                                                just_logging=jax.process_index() > 0)
   mngr = _checkpoint_manager(workdir, train_cfg)
+  log = contextlib.ExitStack()
   try:
     params_abs = traverse_util.unflatten_dict(setup.abstract)
     start, restored, skipped = checkpoint.restore_newest(
@@ -479,18 +541,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str, loader: Any,
             opt_state=ocp.args.StandardRestore(_with_shardings(opt_abs, opt_sh)),
             meta=ocp.args.JsonRestore()),
         expected={"params": params_abs, "opt_state": opt_abs},
-        aside_dir=os.path.join(workdir, "checkpoints_broken"))
+        aside_dir=workdir / "checkpoints_broken")
     if start is not None:
       progress["resumed"] = True
       params = traverse_util.flatten_dict(restored["params"])
       opt_state = restored["opt_state"]
-      _truncate_jsonl(metrics_path, start)
       logging.info("resumed from step %d of %s", start, mngr.directory)
       fresh = []
     else:
       if skipped:  # every checkpoint was damaged: start over rather than stop, and say so
         logging.warning("no checkpoint of %s restores; starting from step 0", mngr.directory)
-        _truncate_jsonl(metrics_path, 0)
       start = 0
       if config.get("init_from"):
         params, fresh = load_handoff(setup, config.init_from, config.seed)
@@ -499,20 +559,25 @@ def _train(config: ml_collections.ConfigDict, workdir: str, loader: Any,
         params, fresh = init_params(setup, config.seed), []
       trainable, _ = setup.split(params)
       opt_state = jax.jit(setup.tx.init, out_shardings=opt_sh)(trainable)
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-      parameter_overview.log_parameter_overview(traverse_util.unflatten_dict(params))
+      if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+      # Statistics of arrays spread over hosts are computed on the devices ("global"), by every
+      # process; the plain form fetches each whole array to the host.
+      parameter_overview.log_parameter_overview(
+          traverse_util.unflatten_dict(params), jax_logging_process=0,
+          include_stats="global" if jax.process_count() > 1 else True)
       writer.write_hparams({"stage": config.stage, "steps": int(train_cfg.steps),
                             "batch_size": int(train_cfg.batch_size), "lr": float(train_cfg.lr),
                             "mixer_lr": float(train_cfg.mixer_lr)})
 
+    write_jsonl = log.enter_context(_jsonl_log(workdir / "metrics.jsonl", start))
     trainable, frozen = setup.split(params)
     del params
     total = int(train_cfg.steps)
     hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                              every_steps=int(train_cfg.log_every))]
     if train_cfg.get("profile_steps", 0) and jax.process_index() == 0:
-      hooks.append(periodic_actions.Profile(logdir=workdir,
+      hooks.append(periodic_actions.Profile(logdir=os.fspath(workdir),
                                             num_profile_steps=int(train_cfg.profile_steps)))
     # Fault injection for the resume tests: send this process a signal after a step.
     kill_at = int(os.environ.get("TTT_JAX_FAULT_KILL_AT_STEP", "0"))
@@ -528,11 +593,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, loader: Any,
 
     last = {}
     for step in range(start, total):
-      local = loader.batch(step)
-      if step == start:
-        _check_batch_shapes(config, local, setup.cfg.patch_size)
-      batch = {k: jax.make_array_from_process_local_data(batch_sh[k], np.asarray(local[k]))
-               for k in ("latents", "text")}
+      batch = global_batch(loader, step, total_batch, batch_sh, rows,
+                           check=(lambda local: _check_batch_shapes(
+                               config, local, setup.cfg.patch_size)) if step == start else None)
       trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch,
                                               jnp.asarray(step, jnp.int32))
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -546,8 +609,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, loader: Any,
             f"{'none' if good is None else f'step {good}'} in {mngr.directory}")
       last = {"step": done, **metrics}
       progress["steps_done"] += 1
-      if jax.process_index() == 0:
-        _write_jsonl(metrics_path, last)
+      write_jsonl(last)
       if done % int(train_cfg.log_every) == 0 or done == total:
         writer.write_scalars(done, metrics)
       for hook in hooks:
@@ -564,17 +626,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, loader: Any,
           save(done)
         mngr.wait_until_finished()
         writer.flush()
-        raise cli.Preempted(done, os.path.join(mngr.directory, str(done)),
+        raise cli.Preempted(done, str(epath.Path(mngr.directory) / str(done)),
                             "SIGTERM" if sigterm else "a preemption notice")
     mngr.wait_until_finished()
-    final = traverse_util.flatten_dict(_merge(trainable, frozen))
-    if jax.process_index() == 0:
-      export_model(os.path.join(workdir, "model"), setup.cfg, final)
+    export_model(workdir / "model", setup.cfg, traverse_util.flatten_dict(
+        _merge(trainable, frozen)))
     writer.flush()
-    return {"stage": config.stage, "step": total, "workdir": workdir,
-            "model": os.path.join(workdir, "model"), "last": last, "initialised_fresh": fresh,
+    return {"stage": config.stage, "step": total, "workdir": str(workdir),
+            "model": str(workdir / "model"), "last": last, "initialised_fresh": fresh,
             "skipped_checkpoints": skipped}
   finally:
+    log.close()
     mngr.close()
     writer.close()
 
@@ -591,7 +653,8 @@ def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   if flags.FLAGS.distributed:  # multi-host (TPU pod, multi-node GPU): before any device use
-    jax.distributed.initialize()
+    ids = flags.FLAGS.local_device_ids
+    jax.distributed.initialize(local_device_ids=[int(i) for i in ids] if ids else None)
   if config.get("pipeline"):  # configs/toy.py: the whole pipeline, not one stage
     from ttt_jax import pipeline  # pylint: disable=g-import-not-at-top
     pipeline.run(config, workdir)  # prints its own lines; the numbers are in summary.json
@@ -606,5 +669,8 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "configs/<stage>.py[:runlocal]")
   flags.DEFINE_string("workdir", None, "output directory (resumed if it has checkpoints)")
   flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
+  # Under SLURM, JAX gives each process the one GPU of its SLURM_LOCALID; a process per node
+  # names all of them (launch/slurm.sh --tasks=node).
+  flags.DEFINE_list("local_device_ids", None, "with --distributed: this process's local devices")
   flags.mark_flags_as_required(["config", "workdir"])
   cli.run_absl(main)

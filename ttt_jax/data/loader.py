@@ -9,7 +9,11 @@ permuted by `np.random.default_rng([seed, e])`:
   - drop_remainder=True: an epoch is n // G whole batches of its own permutation and the n % G
     examples left at its end are skipped (others each epoch), so no batch straddles epochs nor
     holds an example twice. When G divides n both agree with epoch e = s * G // n.
-Process p of P takes the p-th contiguous slice of G / P examples of each global batch.
+On many processes each reads only the rows of the global batch that its own devices hold:
+`process_rows(sharding, G)` lists them from the batch sharding's addressable devices, and
+`batch(step, rows)` reads those rows. Which rows a process holds depends on the mesh (a batch
+shard's devices may sit on two hosts, or the batch may be replicated over hosts), so no fixed
+slice per process index is right for every layout; the rows of a step stay the same in any case.
 
 A latent sample is drawn per (seed, step, example): `(mean + exp(logvar / 2) * eps) * scaling`,
 eps from `np.random.default_rng([seed, step, index, 1])`; the final 1 keeps these streams apart
@@ -22,7 +26,7 @@ import concurrent.futures
 import itertools
 import json
 import os
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -30,6 +34,19 @@ import tensorflow_datasets as tfds
 INFO_FILE = "precompute.json"
 NULL_TEXT_FILE = "null_text_embeds.npy"
 _NOISE_STREAM = 1
+
+
+def process_rows(sharding: Any, global_shape: Sequence[int]) -> np.ndarray:
+  """The rows of a global batch [batch, ...] (`global_shape`) that this process's devices hold
+  under `sharding` (a jax Sharding), sorted, int64 [rows]: the union of the leading-axis slices
+  of `sharding.addressable_devices_indices_map`. Sorted is the order in which
+  `jax.make_array_from_process_local_data(sharding, local, global_shape)` reads `local`'s rows.
+  Only the leading axis of `global_shape` matters; the rest need only fit the sharding."""
+  batch_size = int(global_shape[0])
+  rows = set()
+  for index in sharding.addressable_devices_indices_map(tuple(global_shape)).values():
+    rows.update(range(*(index[0] if index else slice(None)).indices(batch_size)))
+  return np.array(sorted(rows), np.int64)
 
 
 def decode_text(value) -> str:
@@ -45,7 +62,6 @@ class LatentLoader:
     batch_size: the global batch, over all processes.
     seed: permutation and latent-noise seed (non-negative).
     shuffle: permute each epoch; False reads examples in dataset order.
-    process_index, process_count: this process's slice of each global batch.
     drop_remainder: see the module docstring.
     prefetch: batches `iterate` computes ahead in a background thread (0: none).
 
@@ -53,18 +69,15 @@ class LatentLoader:
     info: the dataset's precompute.json.
     num_examples: examples in the dataset.
     null_text: float32 [max_length, d_model], the empty prompt's T5 embedding (text dropout).
-    local_batch_size: batch_size // process_count, the leading dimension of `batch(step)`.
     steps_per_epoch: batches per epoch (fractional without drop_remainder).
 
   Raises:
     FileNotFoundError: no precomputed dataset at dataset_dir.
-    ValueError: empty dataset, a batch that does not split over the processes, or (with
-      drop_remainder) a batch larger than the dataset.
+    ValueError: empty dataset, or (with drop_remainder) a batch larger than the dataset.
   """
 
   def __init__(self, dataset_dir: str | os.PathLike, *, batch_size: int, seed: int,
-               shuffle: bool = True, process_index: int = 0, process_count: int = 1,
-               drop_remainder: bool = True, prefetch: int = 2):
+               shuffle: bool = True, drop_remainder: bool = True, prefetch: int = 2):
     dataset_dir = os.fspath(dataset_dir)
     info_path = os.path.join(dataset_dir, INFO_FILE)
     if not os.path.isfile(info_path):
@@ -77,11 +90,8 @@ class LatentLoader:
         raise ValueError(f"{info_path}: not valid JSON ({e})") from e
     if seed < 0:
       raise ValueError(f"seed must be non-negative, got {seed}")
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if batch_size < 1 or batch_size % process_count:
-      raise ValueError(f"batch_size {batch_size} must be a positive multiple of "
-                       f"process_count {process_count}")
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be positive, got {batch_size}")
     self.dataset_dir = dataset_dir
     try:
       self._source = tfds.builder_from_directory(dataset_dir).as_data_source()[
@@ -96,8 +106,6 @@ class LatentLoader:
                        "with drop_remainder=True (a batch would repeat examples)")
     self.null_text = np.load(os.path.join(dataset_dir, NULL_TEXT_FILE)).astype(np.float32)
     self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-    self.process_index, self.process_count = process_index, process_count
-    self.local_batch_size = batch_size // process_count
     self.drop_remainder, self.prefetch = drop_remainder, prefetch
     self.scaling_factor = float(self.info["scaling_factor"])
     self.steps_per_epoch = (self.num_examples // batch_size if drop_remainder
@@ -115,12 +123,22 @@ class LatentLoader:
       return np.arange(self.num_examples)
     return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
 
-  def indices(self, step: int) -> np.ndarray:
-    """Dataset indices of this process's examples at `step`, int64 [local_batch_size]."""
+  def _rows(self, rows: Sequence[int] | None) -> np.ndarray:
+    if rows is None:
+      return np.arange(self.batch_size)
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    if rows.size and (rows.min() < 0 or rows.max() >= self.batch_size):
+      raise ValueError(f"rows {rows.tolist()} not all in [0, batch_size {self.batch_size})")
+    return rows
+
+  def indices(self, step: int, rows: Sequence[int] | None = None) -> np.ndarray:
+    """Dataset indices of the global batch at `step`, int64 [len(rows)] (rows: which rows of the
+    global batch; default all, [batch_size])."""
     if step < 0:
       raise ValueError(f"step must be non-negative, got {step}")
-    n, g, b = self.num_examples, self.batch_size, self.local_batch_size
-    offsets = self.process_index * b + np.arange(b)
+    n, g = self.num_examples, self.batch_size
+    offsets = self._rows(rows)
+    b = len(offsets)
     if self.drop_remainder:
       epoch, k = divmod(step, n // g)
       return self._order(epoch)[k * g + offsets]
@@ -143,13 +161,14 @@ class LatentLoader:
                                f"(index {index}) has non-finite latents")
     return z.transpose(0, 3, 1, 2)
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    """This process's batch at `step`:
+  def batch(self, step: int, rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """Rows `rows` (default all) of the global batch at `step`:
       latents float32 [B, latent_frames, C, h, w]  (DiT layout, scaled, sampled)
       text    float32 [B, segments, max_length, d_model]
       ids     str [B]
-    with B = local_batch_size."""
-    indices = self.indices(step)
+    with B = len(rows). A row's values depend only on (seed, step, row), not on which other
+    rows are asked for."""
+    indices = self.indices(step, rows)
     try:
       examples = self._source.__getitems__(indices.tolist())
     except RuntimeError as e:
@@ -161,23 +180,24 @@ class LatentLoader:
         "ids": np.array([decode_text(ex["id"]) for ex in examples]),
     }
 
-  def iterate(self, start_step: int = 0,
-              num_steps: int | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """(step, batch(step)) for step = start_step, start_step + 1, ... (num_steps of them, or
+  def iterate(self, start_step: int = 0, num_steps: int | None = None,
+              rows: Sequence[int] | None = None
+              ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(step, batch(step, rows)) for step = start_step, start_step + 1, ... (num_steps of them, or
     forever). With prefetch > 0 one background thread computes up to `prefetch` batches ahead;
     they are handed out in step order, so the result is the same as without."""
     end = None if num_steps is None else start_step + num_steps
     steps = itertools.count(start_step) if end is None else range(start_step, end)
     if self.prefetch <= 0:
       for step in steps:
-        yield step, self.batch(step)
+        yield step, self.batch(step, rows)
       return
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
                                                  thread_name_prefix="LatentLoader")
     pending = collections.deque()
     try:
       for step in steps:
-        pending.append((step, pool.submit(self.batch, step)))
+        pending.append((step, pool.submit(self.batch, step, rows)))
         if len(pending) > self.prefetch:
           step_done, future = pending.popleft()
           yield step_done, future.result()

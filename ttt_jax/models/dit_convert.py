@@ -172,12 +172,15 @@ def convert_cogvideox(src: str, dst: str, *, seed: int = 0,
   return cfg
 
 
-def save_dit(dst: str, cfg: DiTConfig, params: dict[str, Any]) -> None:
-  """Writes `dst/params` (Orbax; must not exist) + `dst/config.json`: what `load_dit` reads."""
-  os.makedirs(dst, exist_ok=True)
-  checkpoint.save_params(os.path.join(dst, "params"), params)
-  with open(os.path.join(dst, "config.json"), "w") as f:
-    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+def save_dit(dst: str | os.PathLike, cfg: DiTConfig, params: dict[str, Any]) -> None:
+  """Writes `dst/params` (Orbax; must not exist) + `dst/config.json`: what `load_dit` reads.
+  On many processes every process calls it with the same global arrays (each writes its shards);
+  config.json, written after the parameters, comes from process 0."""
+  dst = checkpoint.as_path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  checkpoint.save_params(dst / "params", params)
+  if jax.process_index() == 0:
+    (dst / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
 
 
 def load_dit(directory: str, *, mixer_factory: MixerFactory = default_mixer_factory,
