@@ -176,7 +176,7 @@ def test_every_mixer_from_one_config_string(mixer):
   assert {toy.stages[f"s{s}"].model.mixer for s in STAGES} == {mixer}
 
 
-@pytest.mark.parametrize("arg", [None, "runlocal"])
+@pytest.mark.parametrize("arg", [None, "runlocal", "long"])
 def test_toy_stages_keep_the_tomjerry_structure(arg):
   toy = importlib.import_module("configs.toy").get_config(arg)
   assert toy.pipeline == "toy"
@@ -194,3 +194,19 @@ def test_toy_stages_keep_the_tomjerry_structure(arg):
     assert stage.model.in_channels == toy.vae.latent_channels
     assert stage.model.sample_height == stage.height // toy.vae.patch
     DiTConfig.from_dict(stage.model.to_dict())
+
+
+def test_toy_long_is_the_default_job_trained_longer():
+  toy = importlib.import_module("configs.toy")
+  default, long = toy.get_config(), toy.get_config("long")
+  for seconds in STAGES:
+    a, b = default.stages[f"s{seconds}"], long.stages[f"s{seconds}"]
+    assert b.train.steps >= 2 * a.train.steps
+    b.train.steps, b.train.checkpoint_every = a.train.steps, a.train.checkpoint_every
+    assert a.to_dict() == b.to_dict()
+  assert default.toy.to_dict() == long.toy.to_dict()
+  # What makes the toy learn (README, "Why the toy sampled noise"): whitened latents, absolute
+  # positions, width 128.
+  assert default.vae.normalize == "channel"
+  assert default.stages.s3.model.use_learned_positional_embeddings
+  assert default.stages.s3.model.num_heads * default.stages.s3.model.head_dim == 128
