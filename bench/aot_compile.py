@@ -10,8 +10,15 @@ compile-only devices for the slice, so nothing runs and no TPU is needed. The st
 layers when a host cannot hold the compile of all 42 (the layers are one `scan`, so the
 per-layer bytes are (bytes(N) - bytes(M)) / (N - M); the JSON says how many layers it compiled).
 
+Measured on a shared 2-core host (tomjerry_3s, 42 layers, v5p-128 = 64 chips, fsdp=64, global
+batch 64, 1 sample a chip): attention_impl=chunked 38.6 GiB a chip (temps 39.3 GB, arguments
+2.2 GB), fits 95 GiB; compile 825 s, host RSS 5.1 GB. attention_impl=xla with 2 layers already
+needs 71.6 GiB: a segment's float32 scores (18k x 18k x 48 heads, ~62 GB) in the backward pass.
+
 Keys: per_device_bytes = arguments + outputs + temps - aliases (memory_analysis, per chip),
-flops_per_step (cost_analysis, per chip: XLA counts the partitioned program), params,
+flops_per_step (cost_analysis, per chip; it counts a while loop's body once, so the scanned
+layers and chunked attention are undercounted: 2.8e13 for the run above, where 6 x params x
+tokens alone is ~7.8e14 a sample), params,
 trainable_params, compile_seconds, peak_host_rss_bytes. A step over HBM does not compile for
 TPU: then fits is false, per_device_bytes null, and temp_bytes is what the compiler said its
 temporaries need.
