@@ -321,6 +321,7 @@ def plot_persistence(score: dict, path: str) -> str:
     ax.plot(segments, score[key], marker="o", markersize=3, label=label)
   # Segment 1's text states the facts; every later segment must remember them.
   ax.axvspan(0.5, 1.5, color="0.9", zorder=0)
+  ax.set_xticks(segments[::max(1, len(segments) // 11)])
   ax.set(xlabel="segment (3 s each; only segment 1's text states the facts)",
          ylabel="score", ylim=(-0.05, 1.05), xlim=(0.5, len(segments) + 0.5))
   ax.legend(loc="lower left", ncol=3, fontsize=8)
