@@ -168,7 +168,8 @@ def guidance(args) -> dict:
   storyboard = os.path.join(workdir, "storyboard.json")
   with open(os.path.join(workdir, "summary.json")) as f:
     reference = json.load(f)["sample"]["reference"]
-  story = _held_out_story(workdir)
+  job = toy.get_config()
+  story = pipeline.held_out_story(job, pipeline.build_datasets(job, workdir))  # found built
   out = {"reference": reference}
   for scale in args.scales:
     config = saved.get_config(stage_dir)
@@ -182,13 +183,6 @@ def guidance(args) -> dict:
         text_following=toy_toons.text_following_score(video, story)["mean"],
         **toy_toons.frame_statistics(video))
   return out
-
-
-def _held_out_story(workdir: str):
-  """The toy job's sampled story (configs/toy.py's sample_story of the 63 s test split)."""
-  config = toy.get_config()
-  datasets = pipeline.build_datasets(config, workdir)  # already built: found complete
-  return pipeline._stories(datasets[63], "test")[config.toy.sample_story]  # pylint: disable=protected-access
 
 
 def main() -> None:

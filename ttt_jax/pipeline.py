@@ -158,21 +158,16 @@ def build_autoencoder(config, workdir: str, datasets) -> str:
   frames = np.concatenate([source[i]["video"][::6] for i in range(len(source))])
   frames = frames.astype(np.float32) / 127.5 - 1.0
   mean, basis, std = pixel_vae.fit_linear(frames, config.vae.patch, config.vae.latent_channels)
+  fitted = pixel_vae.PixelVAEConfig(patch=config.vae.patch, mean=tuple(mean.tolist()),
+                                    basis=tuple(map(tuple, basis.tolist())))
   normalize = config.vae.get("normalize", "channel")
-  if normalize == "channel":
-    # Each channel to unit variance: the PCA channels' stds span an order of magnitude, and under
-    # one global scale the weak (edge) channels are drowned by the diffusion noise first and
-    # their errors cost the loss the least, which the decoder shows as block noise.
-    scaled = pixel_vae.PixelVAEConfig(patch=config.vae.patch, mean=tuple(mean.tolist()),
-                                      basis=tuple(map(tuple, basis.tolist())),
-                                      channel_std=tuple(std.tolist()))
+  if normalize == "channel":  # pixel_vae.py says why the toy whitens each channel
+    scaled = dataclasses.replace(fitted, channel_std=tuple(std.tolist()))
   elif normalize == "global":
-    vae_config = pixel_vae.PixelVAEConfig(patch=config.vae.patch, mean=tuple(mean.tolist()),
-                                          basis=tuple(map(tuple, basis.tolist())))
-    latents, _ = pixel_vae.PixelVAE(vae_config).encode(
+    latents, _ = pixel_vae.PixelVAE(fitted).encode(
         frames[None, :1 + 4 * ((len(frames) - 1) // 4)])
     global_std = float(np.std(np.asarray(latents)))
-    scaled = dataclasses.replace(vae_config, scaling_factor=1.0 / max(global_std, 1e-3))
+    scaled = dataclasses.replace(fitted, scaling_factor=1.0 / max(global_std, 1e-3))
   else:
     raise ValueError(f"config.vae.normalize={normalize!r}: expected 'channel' or 'global'")
   save_pixel_vae(vae_dir, scaled)
@@ -242,9 +237,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     previous = out["workdir"]
 
   # One minute from a held-out storyboard (the 63 s test split was never trained on).
-  seconds, stage = _stage_configs(config)[-1]
+  _, stage = _stage_configs(config)[-1]
   stage = _with_models(stage, spm, t5_dir, vae_dir)
-  story = _stories(datasets[seconds], "test")[config.toy.sample_story]
+  story = held_out_story(config, datasets)
   storyboard = os.path.join(workdir, "storyboard.json")
   with open(storyboard, "w") as f:
     json.dump(toy_toons.story_to_storyboard(story), f, indent=2)
@@ -288,9 +283,16 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return summary
 
 
+def held_out_story(config: ml_collections.ConfigDict, datasets) -> Any:
+  """The story the job samples: config.toy.sample_story of the 63 s test split."""
+  return _stories(datasets[max(STAGES)], "test")[config.toy.sample_story]
+
+
 def sample_command(workdir: str, stage_dir: str) -> str:
   """The `python -m ttt_jax.sample` line for a trained stage, as the user would type it."""
-  rel = lambda p: os.path.relpath(p) if not os.path.relpath(p).startswith("..") else p
+  def rel(path: str) -> str:  # short when under the current directory
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
   return (f"python -m ttt_jax.sample --config=configs/saved.py:{rel(stage_dir)} "
           f"--checkpoint={rel(os.path.join(stage_dir, 'model'))} "
           f"--storyboard={rel(os.path.join(workdir, 'storyboard.json'))} "
