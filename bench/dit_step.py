@@ -19,67 +19,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import subprocess
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 from flax import nnx
 
 from ttt_jax import mixers
 from ttt_jax.models.dit import DiT, DiTConfig, count_params
-
-
-def _time(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
-  """(first call seconds incl. compile, median ms of `repeats` further calls)."""
-  start = time.perf_counter()
-  jax.block_until_ready(fn())
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(1e3 * (time.perf_counter() - start))
-  return first, statistics.median(times)
+from ttt_jax.step_timing import time_dit
 
 
 def run_case(cfg: DiTConfig, segments: int, args: argparse.Namespace) -> dict[str, Any]:
   model = DiT(cfg, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(model, nnx.Param)
-  rng = np.random.default_rng(0)
   frames = 1 + (args.frames_per_segment - 1) * segments
-  latents = jnp.asarray(rng.standard_normal(
-      (args.batch, frames, cfg.in_channels, args.grid, args.grid)), jnp.float32)
-  text = jnp.asarray(rng.standard_normal(
-      (args.batch, segments, args.text_len, cfg.text_embed_dim)), jnp.float32)
-  t = jnp.full((args.batch,), 500.0)
-  target = jnp.asarray(rng.standard_normal(latents.shape), jnp.float32)
-  optimizer = optax.adam(1e-4) if args.optimizer == "adam" else optax.sgd(1e-4)
-  opt_state = optimizer.init(params)
-
-  @jax.jit
-  def forward(p):
-    return nnx.merge(graphdef, p)(latents, text, t)
-
-  @jax.jit
-  def train_step(p, s):
-    loss_fn = lambda q: jnp.mean((nnx.merge(graphdef, q)(latents, text, t) - target) ** 2)
-    loss, grads = jax.value_and_grad(loss_fn)(p)
-    updates, s = optimizer.update(grads, s, p)
-    return optax.apply_updates(p, updates), s, loss
-
-  fwd_compile, fwd_ms = _time(lambda: forward(params), args.repeats)
-  step_compile, step_ms = _time(lambda: train_step(params, opt_state), args.repeats)
+  times = time_dit(model, batch=args.batch, frames=frames, segments=segments, height=args.grid,
+                   width=args.grid, text_len=args.text_len, repeats=args.repeats,
+                   optimizer=args.optimizer)
   tokens = segments * args.text_len + frames * (args.grid // cfg.patch_size) ** 2
   return dict(mixer=cfg.mixer, segments=segments, latent_frames=frames, tokens=tokens,
               attention="local" if cfg.local_attention else "full",
-              params=count_params(model), compile_s=round(fwd_compile + step_compile, 2),
-              forward_ms=round(fwd_ms, 3), train_step_ms=round(step_ms, 3),
+              params=count_params(model), **times,
               device=jax.devices()[0].platform)
 
 
