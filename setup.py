@@ -46,8 +46,10 @@ EXTRAS = {
 # Compiling for TPU slices ahead of time on any host (bench/aot_compile.py): the libtpu that
 # this jax was released with, which jax[tpu] pins. Keep it equal to the installed jax.
 EXTRAS["tpu"] = ["jax[tpu]==0.10.2"]
+# nbclient, nbformat, ipykernel: tests/test_ablate.py executes notebooks/ablations.ipynb.
 EXTRAS["test"] = sorted(
-    set(EXTRAS["torch"] + ["pytest>=8", "pytest-xdist>=3.5"]))
+    set(EXTRAS["torch"] + ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10",
+                           "ipykernel>=6.29"]))
 
 setup(
     name="ttt_jax",

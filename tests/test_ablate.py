@@ -1,0 +1,146 @@
+"""The ablation at its smallest setting, as notebooks/ablations.ipynb runs it (executed by
+nbclient: two mixers through the runlocal toy job, evaluated, timed, tabled, the videos shown),
+then the commands on its runs: `python -m ttt_jax.ablate` resumes an interrupted ablation
+without retraining what finished, `python -m ttt_jax.evaluate` scores story files as it scored the
+held-out split, and their errors are one line."""
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from unittest import mock
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIXERS = ("none", "swa")  # the two cheapest to compile: the test is about the machinery
+# The subprocesses get one CPU device (the toy job's batches are 1), as a user's would.
+ENV = {"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+ABLATE = ["--config=configs/toy.py:runlocal", f"--mixers={','.join(MIXERS)}",
+          "--num_storyboards=2", "--step_segments=1"]
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+  """(workdir, executed notebook, CPU seconds it took: the kernel's and the toy jobs')."""
+  workdir = tmp_path_factory.mktemp("ablation")
+  nb = nbformat.read(os.path.join(REPO, "notebooks", "ablations.ipynb"), as_version=4)
+  assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells
+             if c.cell_type == "code"), "commit the notebook with its outputs stripped"
+  parameters = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+  # The package is installed already (the test extra); the rest is the notebook's smallest
+  # setting, which is its default.
+  parameters.source += f"\nINSTALL = False\nWORKDIR = {str(workdir)!r}\n"
+  start = _children_cpu_seconds()
+  with mock.patch.dict(os.environ, ENV):
+    # A generous wall-clock limit: on a shared machine wall time measures the neighbours.
+    NotebookClient(nb, timeout=900, kernel_name="python3",
+                   resources={"metadata": {"path": os.path.join(REPO, "notebooks")}}).execute()
+  return workdir, nb, _children_cpu_seconds() - start
+
+
+def _children_cpu_seconds():
+  """User + system CPU seconds of the finished child processes (the kernel, and the toy jobs it
+  waited for)."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
+def test_notebook_runs_two_mixers_and_shows_the_table_plot_and_videos(ablation):
+  workdir, nb, cpu_seconds = ablation
+  # Under 5 minutes of CPU: alone on a 2-core machine, under 5 minutes of wall time.
+  assert cpu_seconds < 300, cpu_seconds
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  data = [o.get("data", {}) for o in outputs]
+  table = next(d["text/markdown"] for d in data if "text/markdown" in d)
+  assert all(f"| {m} |" in table for m in MIXERS)
+  assert any("image/png" in d for d in data)
+  assert sum("<video" in d.get("text/html", "") for d in data) == len(MIXERS) + 1
+
+
+def test_ablation_outputs(ablation):
+  workdir = ablation[0]
+  result = json.loads((workdir / "ablation.json").read_text())
+  assert [row["mixer"] for row in result["table"]] == list(MIXERS)
+  assert result["storyboards"] == 2 and result["seeds"] == [0]
+  for row in result["table"]:
+    for metric in ("persistence", "text_following", "frame_quality"):
+      assert 0 <= row[metric]["lo"] <= row[metric]["mean"] <= row[metric]["hi"] <= 1
+    assert row["train_step_ms"] > 0 and row["params"] > 0
+  assert result["table"][0]["vs_none"] == 1.0  # local attention is the reference
+  assert result["step_times"]["segments"] == 1
+  elo = json.loads((workdir / "elo.json").read_text())
+  assert set(elo) == {"persistence", "text_following", "frame_quality", "average"}
+  assert set(elo["average"]) == set(MIXERS)
+  for name in ("ablation.md", "ablation.png", "prefs.jsonl"):
+    assert (workdir / name).stat().st_size > 0
+  for mixer in MIXERS:
+    run = workdir / "runs" / f"{mixer}_seed0"
+    evaluation = json.loads((run / "eval" / "eval.json").read_text())
+    assert evaluation["mixer"] == mixer and len(evaluation["storyboards"]) == 2
+    assert len(evaluation["metrics"]["persistence"]["per_segment"]["mean"]) == 21
+    assert (run / "eval" / "eval.png").stat().st_size > 0
+  # The second mixer's run reused the first one's data, text encoder, autoencoder and latents.
+  assert os.path.islink(workdir / "runs" / "swa_seed0" / "latents")
+
+
+def command(module, *args):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
+                        env={**os.environ, **ENV}, capture_output=True, text=True)
+
+
+def test_resumes_an_interrupted_ablation(ablation):
+  workdir = ablation[0]
+  before = json.loads((workdir / "ablation.json").read_text())
+  swa = workdir / "runs" / "swa_seed0"
+  metrics = (swa / "stages" / "toy_63s" / "metrics.jsonl").read_text()
+  # As if stopped after the last stage trained, before the job's sample and the evaluation.
+  (swa / "summary.json").unlink()
+  shutil.rmtree(swa / "eval")
+  done = command("ttt_jax.ablate", f"--workdir={workdir}", *ABLATE)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "[ablate] none seed 0: finished, skipped" in done.stdout
+  assert "[ablate] swa seed 0:" in done.stdout and "encoded" not in done.stdout
+  assert (swa / "stages" / "toy_63s" / "metrics.jsonl").read_text() == metrics  # not retrained
+  after = json.loads((workdir / "ablation.json").read_text())
+  assert after["table"] == before["table"]  # same seed, same samples, same scores
+
+
+def test_evaluate_scores_story_files_as_the_held_out_split(ablation, tmp_path):
+  run = ablation[0] / "runs" / "none_seed0"
+  story = run / "eval" / "stories" / "test_1.json"
+  done = command("ttt_jax.evaluate", f"--workdir={run}", f"--storyboards={story}",
+                 f"--out={tmp_path / 'eval'}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  ours = json.loads((tmp_path / "eval" / "eval.json").read_text())["storyboards"]
+  held_out = json.loads((run / "eval" / "eval.json").read_text())["storyboards"][1]
+  assert [s["name"] for s in ours] == ["test_1"]
+  for metric in ("persistence", "text_following", "frame_quality"):
+    assert ours[0][metric] == held_out[metric]
+  assert (tmp_path / "eval" / "eval.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("module,args,expected", [
+    ("ttt_jax.evaluate", ["--workdir={tmp}"],
+     "--workdir {tmp}: no finished stage (stages/*/model and config.json); expected the workdir "
+     "of a finished toy job (python -m ttt_jax.train --config=configs/toy.py)"),
+    ("ttt_jax.evaluate", ["--workdir={run}", "--storyboards={run}/storyboard.json"],
+     "--storyboards {run}/storyboard.json is a sampling storyboard (a list of segments); scoring "
+     "needs the toy_toons story behind it (its facts, actions and rendering): pass "
+     "toy_toons.Story.to_json(), as evaluate writes to OUT/stories/"),
+    ("ttt_jax.ablate", ["--config=configs/toy.py:runlocal", "--workdir={tmp}", "--mixers=lstm"],
+     "unknown mixer 'lstm'; the config argument mixer= takes one of none, swa, mamba2, "
+     "gated_deltanet, ttt_linear, ttt_mlp"),
+    ("ttt_jax.ablate", ["--config=configs/toy.py:mixer=swa", "--workdir={tmp}"],
+     "--config configs/toy.py:mixer=swa: leave mixer= out, --mixers chooses the mixers"),
+])
+def test_errors_are_one_line(ablation, tmp_path, module, args, expected):
+  paths = {"tmp": str(tmp_path), "run": str(ablation[0] / "runs" / "none_seed0")}
+  done = command(module, *(a.format(**paths) for a in args))
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines()[-1] == (
+      f"python -m {module}: error: {expected.format(**paths)}")
