@@ -14,24 +14,12 @@ from pallas_kernels import common
 from ttt_jax.ttt import dual
 
 
-def _eta_inputs(eta: jax.Array, causal: bool, mini_batch_size: int, dtype) -> list[jax.Array]:
-  """eta [B, H, S] (or causal [B, H, S, b]) -> [eta_col [B, H, S, 1]] (+ [eta_mat [B, H, S, b]])."""
-  batch, heads, seq = eta.shape[:3]
-  eta = eta.astype(dtype)
-  if not causal:
-    if eta.ndim != 3:
-      raise ValueError("a per-(token, source) eta [batch, heads, seq, mini_batch_size] is only "
-                       f"meaningful with causal=True; got eta {eta.shape}")
-    return [eta[..., None]]
-  b, n_mb = mini_batch_size, seq // mini_batch_size
-  if eta.ndim == 3:
-    mat = jnp.broadcast_to(eta.reshape(batch, heads, n_mb, 1, b), (batch, heads, n_mb, b, b))
-  else:
-    mat = eta.reshape(batch, heads, n_mb, b, b)
-  mat = mat * jnp.tril(jnp.ones((b, b), dtype))
-  # A mini-batch's final weights carry each token's step from the last token's row.
-  col = mat[:, :, :, -1, :].reshape(batch, heads, seq, 1)
-  return [col, mat.reshape(batch, heads, seq, b)]
+def _eta_inputs(eta: jax.Array, causal: bool, mini_batch_size: int) -> list[jax.Array]:
+  """eta [B, H, S] (or causal [B, H, S, b]) -> [eta_col [B, H, S, 1]] (+ [eta_mat [B, H, S, b]]):
+  `dual.eta_inputs` with the mini-batches laid end to end, as the kernels read them."""
+  col, mat = dual.eta_inputs(eta, mini_batch_size, causal)
+  seq_major = lambda a: a.reshape(*eta.shape[:3], a.shape[-1])
+  return [seq_major(col)] + ([] if mat is None else [seq_major(mat)])
 
 
 def ttt_scan_pallas(inner: str, params: dict[str, jax.Array], xq: jax.Array, xk: jax.Array,
@@ -90,7 +78,7 @@ def ttt_scan_pallas(inner: str, params: dict[str, jax.Array], xq: jax.Array, xk:
   ln_w, ln_b = (params[k].astype(state_dtype).reshape(heads, 1, d)
                 for k in ("ln_weight", "ln_bias"))
   xs = (xq, xk.astype(xq.dtype), xv.astype(xq.dtype),
-        *_eta_inputs(eta, causal, b, state_dtype))
+        *_eta_inputs(eta.astype(state_dtype), causal, b))
   z, final = common.fused_scan(cfg, w0, ln_w, ln_b, xs)
   return z, dict(zip(weight_keys, final))
 

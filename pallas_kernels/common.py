@@ -151,15 +151,14 @@ def _step(cfg: ScanConfig, dtype, w: tuple[jax.Array, ...], ln_w: jax.Array, ln_
 def _step_backward(cfg: ScanConfig, dtype, w: tuple[jax.Array, ...], ln_w: jax.Array,
                    ln_b: jax.Array, mb: dual.MiniBatch, dw_new: tuple[jax.Array, ...],
                    dz: jax.Array):
-  """dual.backward of one mini-batch, its forward recomputed from the weights before it.
+  """dual.recompute_backward on weights as tuples in cfg.weight_keys order.
 
   Returns (dW before the mini-batch as a tuple, d ln_w, d ln_b, MiniBatch of input cotangents).
   """
-  keys, dots = cfg.weight_keys, cfg.dots(dtype)
-  w = dict(zip(keys, w))
-  w_new, _, res = dual.forward(cfg.inner, w, ln_w, ln_b, mb, eps=cfg.eps, dots=dots)
-  dw, d_lnw, d_lnb, d_mb = dual.backward(cfg.inner, w, w_new, ln_w, ln_b, mb, res,
-                                         dict(zip(keys, dw_new)), dz, dots=dots)
+  keys = cfg.weight_keys
+  dw, d_lnw, d_lnb, d_mb = dual.recompute_backward(
+      cfg.inner, dict(zip(keys, w)), ln_w, ln_b, mb, dict(zip(keys, dw_new)), dz, eps=cfg.eps,
+      dots=cfg.dots(dtype))
   return tuple(dw[k] for k in keys), d_lnw, d_lnb, d_mb
 
 

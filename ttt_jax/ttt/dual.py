@@ -1,8 +1,9 @@
 """One TTT mini-batch in the dual form: the forward and its hand-derived backward, as matmuls.
 
 The one written-out step. `scan.py` (impl="dual") runs it under lax.scan with a custom_vjp whose
-backward is `backward` below; `pallas_kernels/` runs the same two functions inside its kernels.
-Pure jax: it imports nothing else of ttt_jax, so the kernels may import it.
+backward is `recompute_backward` below; `pallas_kernels/` runs the same functions inside its
+kernels, and both cut eta into mini-batches with `eta_inputs`. Pure jax: it imports nothing else
+of ttt_jax, so the kernels may import it.
 
 One head, one mini-batch of b tokens (../shared/PAPER.md, "TTT layer"). Layer l has key-side input
 X_l, read-out input Q_l, weights W_l, b_l and output gradient G_l = dl/dZ_l:
@@ -44,6 +45,30 @@ class MiniBatch(NamedTuple):
   xv: jax.Array
   eta_col: jax.Array
   eta_mat: jax.Array | None
+
+
+def eta_inputs(eta: jax.Array, mini_batch_size: int,
+               causal: bool) -> tuple[jax.Array, jax.Array | None]:
+  """Each mini-batch's eta_col [batch, heads, n, b, 1] and eta_mat [batch, heads, n, b, b] or None.
+
+  eta: [batch, heads, seq] per-token steps, or (causal) [batch, heads, seq, b] with eta[..., t, s]
+  the step of token s of t's mini-batch in the weights t reads; seq = n * b. eta_mat (causal
+  only) is masked to s <= t.
+  """
+  batch, heads, seq = eta.shape[:3]
+  b, n = mini_batch_size, seq // mini_batch_size
+  if not causal:
+    if eta.ndim != 3:
+      raise ValueError("a per-(token, source) eta [batch, heads, seq, mini_batch_size] is only "
+                       f"meaningful with causal=True; got eta {eta.shape}")
+    return eta.reshape(batch, heads, n, b, 1), None
+  if eta.ndim == 3:
+    mat = jnp.broadcast_to(eta.reshape(batch, heads, n, 1, b), (batch, heads, n, b, b))
+  else:
+    mat = eta.reshape(batch, heads, n, b, b)
+  mat = mat * jnp.tril(jnp.ones((b, b), eta.dtype))
+  # A mini-batch's final weights take each token's step from the last token's row.
+  return mat[..., -1, :, None], mat
 
 
 _NN, _TN, _NT = ((1,), (0,)), ((0,), (0,)), ((1,), (1,))
@@ -303,3 +328,16 @@ def backward(inner: str, w: Weights, w_new: Weights, ln_w: jax.Array, ln_b: jax.
   d_lnw = (d_lnw + d_lnw2).reshape(ln_w.shape)
   d_lnb = (d_lnb + d_lnb2).reshape(ln_b.shape)
   return dw, d_lnw, d_lnb, MiniBatch(dxq + dz, dxk, d_target, d_col, d_mat)
+
+
+def recompute_backward(inner: str, w: Weights, ln_w: jax.Array, ln_b: jax.Array, mb: MiniBatch,
+                       dw_new: Weights, dz: jax.Array, *, eps: float,
+                       dots: Dots) -> tuple[Weights, jax.Array, jax.Array, MiniBatch]:
+  """`backward` of one mini-batch, its `forward` recomputed from w, the weights before it.
+
+  Recomputing beats keeping the residuals: on CPU, writing and re-reading [b, 4d] activations
+  per mini-batch costs more than the matmuls that recompute them, and in the kernels they would
+  not fit on chip. Returns what `backward` returns.
+  """
+  w_new, _, res = forward(inner, w, ln_w, ln_b, mb, eps=eps, dots=dots)
+  return backward(inner, w, w_new, ln_w, ln_b, mb, res, dw_new, dz, dots=dots)

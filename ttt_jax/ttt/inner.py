@@ -19,7 +19,7 @@ import jax.numpy as jnp
 # The element-wise math lives once, beside the dual step that the kernels share.
 from ttt_jax.ttt.dual import WEIGHT_KEYS, gelu_tanh, layer_norm
 
-INNER_MODELS = ("linear", "mlp")
+INNER_MODELS = tuple(WEIGHT_KEYS)  # ("linear", "mlp")
 # The public reference uses 1e-8 inside the inner LayerNorm.
 DEFAULT_EPS = 1e-8
 

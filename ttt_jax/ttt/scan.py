@@ -55,14 +55,6 @@ def _step_grad(inner: str, causal: bool, eps: float, ln_w: jax.Array, ln_b: jax.
   return w_new, z
 
 
-def _mini_batches(xq, xk, xv, eta, causal: bool) -> dual.MiniBatch:
-  """The dual step's inputs, stacked over mini-batches: eta [n, b] or causal [n, b, b] (masked)."""
-  if not causal:
-    return dual.MiniBatch(xq, xk, xv, eta[..., None], None)
-  # The final weights of a mini-batch take every token's step with the last token's row of eta.
-  return dual.MiniBatch(xq, xk, xv, eta[..., -1, :, None], eta)
-
-
 @dataclasses.dataclass(frozen=True)
 class _DualConfig:
   """Static arguments of the dual scan (hashable: they key its custom_vjp)."""
@@ -97,19 +89,14 @@ def _forward_collect(cfg: _DualConfig, w0, ln_w, ln_b, xs):
 
 
 def _backprop(cfg: _DualConfig, ws, ln_w, ln_b, xs, dz, carry):
-  """Walks mini-batches in reverse through `dual.backward`; carry = (dW, d ln_w, d ln_b).
-
-  Each mini-batch's activations are recomputed from its weights here rather than stacked by
-  `_forward_collect`: on CPU, writing and re-reading [b, 4d] activations per mini-batch costs more
-  than the matmuls that recompute them.
-  """
+  """Walks mini-batches in reverse through `dual.recompute_backward` (each mini-batch's
+  activations recomputed from its weights `ws`, not stacked); carry = (dW, d ln_w, d ln_b)."""
   def body(carry, inputs):
     dw, d_lnw, d_lnb = carry
     w, mb, dz_i = inputs
-    w_new, _, res = cfg.forward(w, ln_w, ln_b, mb)
-    dw, a, b, d_mb = dual.backward(cfg.inner, w, w_new, ln_w, ln_b, mb, res, dw, dz_i,
-                                   dots=cfg.dots)
-    return (dw, d_lnw + a, d_lnb + b), d_mb
+    dw, dlnw_i, dlnb_i, d_mb = dual.recompute_backward(cfg.inner, w, ln_w, ln_b, mb, dw, dz_i,
+                                                       eps=cfg.eps, dots=cfg.dots)
+    return (dw, d_lnw + dlnw_i, d_lnb + dlnb_i), d_mb
 
   return jax.lax.scan(body, carry, (ws, xs, dz), reverse=True)
 
@@ -193,7 +180,7 @@ def _scan_groups(step, w0, xs, group_size: int | None):
   return w, z
 
 
-def _check_inputs(inner, params, xq, xk, xv, eta, mini_batch_size, causal, impl):
+def _check_inputs(inner, params, xq, xk, xv, eta, mini_batch_size, impl):
   inner_lib.check_inner(inner)
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -202,20 +189,17 @@ def _check_inputs(inner, params, xq, xk, xv, eta, mini_batch_size, causal, impl)
   if xq.ndim != 4 or xq.shape != xk.shape or xq.shape != xv.shape:
     raise ValueError("xq, xk, xv must all be [batch, heads, seq, head_dim]; got "
                      f"{xq.shape}, {xk.shape}, {xv.shape}")
-  b, h, s, d = xq.shape
-  if eta.shape == (b, h, s, mini_batch_size):
-    if not causal:
-      raise ValueError("a per-(token, source) eta [batch, heads, seq, mini_batch_size] is only "
-                       "meaningful with causal=True")
-  elif eta.shape != (b, h, s):
-    raise ValueError(f"eta must be [batch, heads, seq] = {(b, h, s)} (or, causal, "
+  batch, heads, seq, d = xq.shape
+  # A per-(token, source) eta without causal is rejected by dual.eta_inputs.
+  if eta.shape not in ((batch, heads, seq), (batch, heads, seq, mini_batch_size)):
+    raise ValueError(f"eta must be [batch, heads, seq] = {(batch, heads, seq)} (or, causal, "
                      f"[batch, heads, seq, mini_batch_size]); got {eta.shape}")
   want = set(inner_lib.WEIGHT_KEYS[inner]) | {"ln_weight", "ln_bias"}
   if set(params) != want:
     raise ValueError(f"params for inner={inner!r} need keys {sorted(want)}, got {sorted(params)}")
-  if params["W1"].shape[:2] != (h, d) or params["ln_weight"].shape != (h, d):
+  if params["W1"].shape[:2] != (heads, d) or params["ln_weight"].shape != (heads, d):
     raise ValueError(f"params W1 {params['W1'].shape} / ln_weight {params['ln_weight'].shape} "
-                     f"do not match heads={h}, head_dim={d}")
+                     f"do not match heads={heads}, head_dim={d}")
 
 
 def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.Array,
@@ -250,7 +234,7 @@ def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.A
     final_params: the inner weights after the last mini-batch, batched over the batch:
       W1 [batch, heads, d, h], b1 [batch, heads, 1, h], ... (float32, or float64 for float64 input).
   """
-  _check_inputs(inner, params, xq, xk, xv, eta, mini_batch_size, causal, impl)
+  _check_inputs(inner, params, xq, xk, xv, eta, mini_batch_size, impl)
   if matmul_dtype is not None and impl == "grad":
     raise ValueError("matmul_dtype needs impl='dual', 'dual_autodiff' or 'pallas'; impl='grad' "
                      "is the full-precision reference")
@@ -278,33 +262,25 @@ def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.A
                                eps=eps)
     return z[:, :, :seq].astype(out_dtype), final
 
-  b = mini_batch_size
-  if causal:
-    mask = jnp.tril(jnp.ones((b, b), dtype))
-    if eta.ndim == 3:
-      eta = eta.reshape(batch, heads, n_mb, 1, b) * mask
-    else:
-      eta = eta.reshape(batch, heads, n_mb, b, b) * mask
-  else:
-    eta = eta.reshape(batch, heads, n_mb, b)
-  to_mb = lambda a: a.reshape(batch, heads, n_mb, b, d)
-  xq, xk, xv = map(to_mb, (xq, xk, xv))
+  to_mb = lambda a: a.reshape(batch, heads, n_mb, mini_batch_size, d)
+  xs = dual.MiniBatch(*map(to_mb, (xq, xk, xv)), *dual.eta_inputs(eta, mini_batch_size, causal))
   w0 = {k: params[k] for k in inner_lib.WEIGHT_KEYS[inner]}
 
-  def per_head(w, ln_w, ln_b, q, k, v, e):
+  def per_head(w, ln_w, ln_b, mbs):
     if impl == "grad":
+      # The reference's eta: each token's step [n, b], or causal the masked [n, b, b].
+      eta_grad = mbs.eta_mat if causal else mbs.eta_col[..., 0]
       step = functools.partial(_step_grad, inner, causal, eps, ln_w, ln_b)
-      return _scan_groups(step, w, (q, k, v, e), checkpoint_group_size)
+      return _scan_groups(step, w, (mbs.xq, mbs.xk, mbs.xv, eta_grad), checkpoint_group_size)
     cfg = _DualConfig(inner, float(eps), checkpoint_group_size,
                       jnp.dtype(matmul_dtype or dtype).name, jnp.dtype(dtype).name)
-    xs = _mini_batches(q, k, v, e, causal)
     if impl == "dual":
-      return _dual_scan(cfg, w, ln_w, ln_b, xs)
+      return _dual_scan(cfg, w, ln_w, ln_b, mbs)
     step = lambda w_, mb: cfg.forward(w_, ln_w, ln_b, mb)[:2]
-    return _scan_groups(step, w, xs, checkpoint_group_size)
+    return _scan_groups(step, w, mbs, checkpoint_group_size)
 
-  over_heads = jax.vmap(per_head, in_axes=(0, 0, 0, 0, 0, 0, 0))
-  over_batch = jax.vmap(over_heads, in_axes=(None, None, None, 0, 0, 0, 0))
-  final, z = over_batch(w0, params["ln_weight"], params["ln_bias"], xq, xk, xv, eta)
-  z = z.reshape(batch, heads, n_mb * b, d)[:, :, :seq]
+  over_heads = jax.vmap(per_head, in_axes=(0, 0, 0, 0))
+  over_batch = jax.vmap(over_heads, in_axes=(None, None, None, 0))
+  final, z = over_batch(w0, params["ln_weight"], params["ln_bias"], xs)
+  z = z.reshape(batch, heads, n_mb * mini_batch_size, d)[:, :, :seq]
   return z.astype(out_dtype), final
