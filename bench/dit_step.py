@@ -27,7 +27,7 @@ import jax
 from flax import nnx
 
 from ttt_jax import mixers
-from ttt_jax.models.dit import DiT, DiTConfig, count_params
+from ttt_jax.models.dit import DiT, DiTConfig
 from ttt_jax.step_timing import time_dit
 
 
@@ -40,7 +40,7 @@ def run_case(cfg: DiTConfig, segments: int, args: argparse.Namespace) -> dict[st
   tokens = segments * args.text_len + frames * (args.grid // cfg.patch_size) ** 2
   return dict(mixer=cfg.mixer, segments=segments, latent_frames=frames, tokens=tokens,
               attention="local" if cfg.local_attention else "full",
-              params=count_params(model), **times,
+              params=mixers.count_params(model), **times,
               device=jax.devices()[0].platform)
 
 

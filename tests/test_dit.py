@@ -15,8 +15,8 @@ from diffusers import CogVideoXTransformer3DModel
 from flax import nnx
 
 from ttt_jax import mixers
-from ttt_jax.models.dit import DiT, DiTConfig, Layout, cogvideox_5b, count_params
-from ttt_jax.models.rope import apply_rope
+from ttt_jax.mixers.common import apply_rope
+from ttt_jax.models.dit import DiT, DiTConfig, Layout, cogvideox_5b
 
 # THUDM/CogVideoX-5b transformer/config.json.
 COGVIDEOX_5B = {
@@ -156,7 +156,7 @@ def test_cogvideox_5b_traces_in_a_minute_with_its_parameter_count(mixer):
     model = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
   except ImportError as e:  # the TTT layer lands separately
     pytest.skip(f"mixer {mixer} not importable: {e}")
-  n = count_params(model)
+  n = mixers.count_params(model)
   graphdef, state = nnx.split(model)
   out = jax.eval_shape(
       lambda s, *a: nnx.merge(graphdef, s)(*a), state,

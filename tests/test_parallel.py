@@ -7,7 +7,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ttt_jax.parallel import (activation_sharding, logical_to_spec, make_mesh, shard_module)
-from ttt_jax.ttt import TTTLayer
+from ttt_jax.mixers import TTTLayer
 
 
 def test_eight_fake_devices():

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt_jax.ttt import TTTLayer
-from ttt_jax.ttt.layer import normalize_target
+from ttt_jax.mixers.ttt import TTTLayer, normalize_target
 from ttt_reference import naive_ttt
 
 

@@ -1,5 +1,6 @@
-"""Pieces shared by the baseline mixers: the call signature, projections with logical axis names,
-the short causal convolution, gated RMSNorm and the Mamba-style decay parameters.
+"""Pieces shared by the mixers (and the models above them): the call signature, the linear and
+LayerNorm factories with logical axis names, RoPE, the parameter count, the short causal
+convolution, gated RMSNorm and the Mamba-style decay parameters.
 
 The product, the convolution and the norm's scale have written-out VJPs (tested against
 autodiff): autodiff's versions put reductions and transposes where XLA:CPU fuses them with
@@ -54,15 +55,65 @@ def _matmul_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
   return matmul(lhs, rhs)
 
 
-def dense(in_features: int, out_features: int, names: tuple[str | None, str | None], *,
-          use_bias: bool, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
-  """`nnx.Linear` whose kernel is named `names` ([in, out]) and whose bias is named `names[1:]`;
-  its product is `matmul`."""
+def linear(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
+           rngs: nnx.Rngs, use_bias: bool = True, dtype: Any = None,
+           param_dtype: Any = jnp.float32,
+           kernel_init: nnx.Initializer = nnx.initializers.lecun_normal(),
+           matmul_vjp: bool = False) -> nnx.Linear:
+  """The one linear-layer factory: `nnx.Linear` whose kernel `[in, out]` is named `axes` and
+  whose bias `[out]` is named `axes[1:]`.
+
+  matmul_vjp: the product is `matmul`, whose kernel gradient XLA:CPU runs faster (the baseline
+  mixers, issue 18); otherwise lax.dot_general, nnx's default.
+  """
   return nnx.Linear(
-      in_features, out_features, use_bias=use_bias, dtype=dtype,
-      dot_general=_matmul_dot_general,
-      kernel_init=partitioned(nnx.initializers.lecun_normal(), names),
-      bias_init=partitioned(nnx.initializers.zeros_init(), names[1:]), rngs=rngs)
+      in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      dot_general=_matmul_dot_general if matmul_vjp else jax.lax.dot_general,
+      kernel_init=partitioned(kernel_init, axes),
+      bias_init=partitioned(nnx.initializers.zeros_init(), axes[1:]), rngs=rngs)
+
+
+def layer_norm(features: int, eps: float, *, rngs: nnx.Rngs, affine: bool = True,
+               axis_name: str = "embed", dtype: Any = None,
+               param_dtype: Any = jnp.float32) -> nnx.LayerNorm:
+  """The one LayerNorm factory: torch.nn.LayerNorm (biased variance) over the last axis of
+  `features`, its scale and bias `[features]` (if `affine`) named `axis_name`."""
+  return nnx.LayerNorm(
+      features, epsilon=eps, use_bias=affine, use_scale=affine, dtype=dtype,
+      param_dtype=param_dtype,
+      scale_init=partitioned(nnx.initializers.ones_init(), (axis_name,)),
+      bias_init=partitioned(nnx.initializers.zeros_init(), (axis_name,)),
+      rngs=rngs)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates interleaved pairs (x0, x1), (x2, x3), ... of the last axis (diffusers' CogVideoX
+  convention).
+
+  Args:
+    x: [batch, seq, heads, head_dim].
+    cos, sin: [seq, head_dim], each value repeated for the two members of a pair; rows with
+      cos=1, sin=0 (text tokens) leave a token unchanged.
+
+  Returns:
+    [batch, seq, heads, head_dim], dtype of x. The rotation runs in at least float32, so a bf16
+    x is rounded once, at the end, whatever the tables' dtype.
+  """
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  pairs = xf.reshape(*x.shape[:-1], -1, 2)
+  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+  out = xf * cos[:, None, :] + rotated * sin[:, None, :]
+  return out.astype(x.dtype)
+
+
+def count_params(module: nnx.Module | None) -> int:
+  """Number of trainable parameters (`nnx.Param` entries) of a module; 0 for None.
+
+  Works on abstract modules from `nnx.eval_shape` too.
+  """
+  if module is None:
+    return 0
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
 def dense_together(x: jax.Array, layers: tuple[nnx.Linear, ...]) -> list[jax.Array]:
@@ -149,22 +200,36 @@ causal_depthwise_conv.defvjp(_causal_depthwise_conv_fwd, _causal_depthwise_conv_
 
 
 class SequenceMixer(nnx.Module):
-  """Base class giving every baseline mixer the one call signature of `ttt_jax.mixers`.
+  """Base class giving every mixer the one call signature of `ttt_jax.mixers`.
 
-  Subclasses define `mix(x)`: `[batch, seq, width] -> [batch, seq, width]`.
+  Subclasses define `mix(x)`: `[batch, seq, width] -> [batch, seq, width]`; those that set
+  `uses_rope` define `mix(x, rope)` with rope (cos, sin) `[seq, head_dim]` or None, and have a
+  `head_dim`.
   """
+
+  # Whether `mix` rotates q and k by `rope`; the others see positions through token order
+  # (recurrence, convolution), not rotary embeddings.
+  uses_rope = False
 
   def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None,
                reverse: bool = False) -> jax.Array:
-    """x: `[batch, seq, width]`. `reverse` runs the same parameters right to left.
+    """x: `[batch, seq, width]`; rope: (cos, sin) `[seq, head_dim]` or None (no positions),
+    ignored unless `uses_rope`.
 
-    `rope` is accepted for interface compatibility and ignored: these mixers see positions
-    through token order (recurrence, convolution or the window), not rotary embeddings.
+    `reverse` runs the same parameters right to left and returns the output in the original
+    order; each token keeps its own rotation (rope is flipped with x).
     """
-    del rope
-    if reverse:
-      return jnp.flip(self.mix(jnp.flip(x, axis=1)), axis=1)
-    return self.mix(x)
+    if not self.uses_rope:
+      rope, mix = None, lambda x, _: self.mix(x)
+    else:
+      mix = self.mix
+      if rope is not None and rope[0].shape != (x.shape[1], self.head_dim):
+        raise ValueError(f"rope cos/sin must be [seq, head_dim] = {(x.shape[1], self.head_dim)}, "
+                         f"got {rope[0].shape}")
+    if not reverse:
+      return mix(x, rope)
+    rope = None if rope is None else tuple(jnp.flip(r, axis=0) for r in rope)
+    return jnp.flip(mix(jnp.flip(x, axis=1), rope), axis=1)
 
 
 class ShortConv(nnx.Module):

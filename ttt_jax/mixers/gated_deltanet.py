@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ttt_jax.mixers.common import (GatedRMSNorm, SequenceMixer, ShortConv, decay_params, dense,
-                                   dense_together, l2_normalize, pad_to_multiple)
+from ttt_jax.mixers.common import (GatedRMSNorm, SequenceMixer, ShortConv, decay_params,
+                                   dense_together, l2_normalize, linear, pad_to_multiple)
 
 
 def gated_delta_rule_recurrent(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
@@ -200,7 +200,8 @@ class GatedDeltaNet(SequenceMixer):
     key_width, value_width = num_heads * head_dim, num_heads * value_head_dim
 
     def proj(features):
-      return dense(width, features, ("embed", "heads"), use_bias=False, dtype=dtype, rngs=rngs)
+      return linear(width, features, ("embed", "heads"), use_bias=False, dtype=dtype, rngs=rngs,
+                    matmul_vjp=True)
 
     self.q_proj, self.k_proj = proj(key_width), proj(key_width)
     self.v_proj, self.gate_proj = proj(value_width), proj(value_width)
@@ -210,8 +211,8 @@ class GatedDeltaNet(SequenceMixer):
     self.v_conv = ShortConv(value_width, conv_size, "heads", use_bias=False, rngs=rngs)
     self.a_log, self.dt_bias = decay_params(num_heads, rngs)
     self.norm = GatedRMSNorm(value_width, value_head_dim, norm_before_gate=True, rngs=rngs)
-    self.out_proj = dense(value_width, width, ("heads", "embed"), use_bias=False, dtype=dtype,
-                          rngs=rngs)
+    self.out_proj = linear(value_width, width, ("heads", "embed"), use_bias=False, dtype=dtype,
+                           rngs=rngs, matmul_vjp=True)
 
   def mix(self, x: jax.Array) -> jax.Array:
     """x: `[batch, seq, width]` -> `[batch, seq, width]` (dtype of x); causal."""

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ttt_jax.mixers.common import (GatedRMSNorm, SequenceMixer, ShortConv, decay_params, dense,
-                                   pad_to_multiple, partitioned)
+from ttt_jax.mixers.common import (GatedRMSNorm, SequenceMixer, ShortConv, decay_params,
+                                   linear, pad_to_multiple, partitioned)
 
 
 def ssd_recurrent(x: jax.Array, dt: jax.Array, a: jax.Array, b: jax.Array,
@@ -120,14 +120,14 @@ class Mamba2(SequenceMixer):
     self.state_size, self.num_groups = state_size, num_groups
     self.chunk_size, self.algorithm = chunk_size, algorithm
     bc_width = 2 * num_groups * state_size
-    self.x_proj = dense(width, inner_width, ("embed", "heads"), use_bias=False, dtype=dtype,
-                        rngs=rngs)
-    self.z_proj = dense(width, inner_width, ("embed", "heads"), use_bias=False, dtype=dtype,
-                        rngs=rngs)
-    self.bc_proj = dense(width, bc_width, ("embed", None), use_bias=False, dtype=dtype,
-                         rngs=rngs)
-    self.dt_proj = dense(width, num_heads, ("embed", "heads"), use_bias=False, dtype=dtype,
-                         rngs=rngs)
+    self.x_proj = linear(width, inner_width, ("embed", "heads"), use_bias=False, dtype=dtype,
+                         rngs=rngs, matmul_vjp=True)
+    self.z_proj = linear(width, inner_width, ("embed", "heads"), use_bias=False, dtype=dtype,
+                         rngs=rngs, matmul_vjp=True)
+    self.bc_proj = linear(width, bc_width, ("embed", None), use_bias=False, dtype=dtype,
+                          rngs=rngs, matmul_vjp=True)
+    self.dt_proj = linear(width, num_heads, ("embed", "heads"), use_bias=False, dtype=dtype,
+                          rngs=rngs, matmul_vjp=True)
     self.x_conv = ShortConv(inner_width, conv_size, "heads", use_bias=True, rngs=rngs)
     self.bc_conv = ShortConv(bc_width, conv_size, None, use_bias=True, rngs=rngs)
     self.a_log, self.dt_bias = decay_params(num_heads, rngs)
@@ -135,8 +135,8 @@ class Mamba2(SequenceMixer):
         rngs.params(), (num_heads,), jnp.float32))
     self.norm = GatedRMSNorm(inner_width, inner_width // num_groups, norm_before_gate=False,
                              rngs=rngs)
-    self.out_proj = dense(inner_width, width, ("heads", "embed"), use_bias=False, dtype=dtype,
-                          rngs=rngs)
+    self.out_proj = linear(inner_width, width, ("heads", "embed"), use_bias=False, dtype=dtype,
+                           rngs=rngs, matmul_vjp=True)
 
   def mix(self, x: jax.Array) -> jax.Array:
     """x: `[batch, seq, width]` -> `[batch, seq, width]` (dtype of x); causal."""

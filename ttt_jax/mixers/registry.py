@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable
 
-import jax
 from flax import nnx
 
+from ttt_jax.mixers.common import count_params
 from ttt_jax.mixers.gated_deltanet import GatedDeltaNet
 from ttt_jax.mixers.mamba2 import Mamba2
 from ttt_jax.mixers.swa import SlidingWindowAttention
+from ttt_jax.mixers.ttt import TTTLayer
 
 MIXERS = ("none", "swa", "mamba2", "gated_deltanet", "ttt_linear", "ttt_mlp")
 
@@ -24,8 +24,6 @@ _SIZE_KNOBS: dict[str, Callable[[int, int], dict[str, int]]] = {
 
 def _constructor(name: str) -> Callable[..., nnx.Module]:
   if name in ("ttt_linear", "ttt_mlp"):
-    # Imported here so the other mixers work without the TTT layer.
-    from ttt_jax.ttt.layer import TTTLayer  # pylint: disable=g-import-not-at-top
     return functools.partial(TTTLayer, inner=name.removeprefix("ttt_"))
   return {"swa": SlidingWindowAttention, "mamba2": Mamba2, "gated_deltanet": GatedDeltaNet}[name]
 
@@ -66,16 +64,6 @@ def build_mixer(name: str, width: int, num_heads: int, *, rngs: nnx.Rngs,
   if budget is not None:
     options.update(matched_options(name, width, num_heads, budget, **options))
   return _constructor(name)(width, num_heads, rngs=rngs, **options)
-
-
-def count_params(module: nnx.Module | None) -> int:
-  """Number of trainable parameters (`nnx.Param` entries) of a module; 0 for None.
-
-  Works on abstract modules from `nnx.eval_shape` too.
-  """
-  if module is None:
-    return 0
-  return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
 def matched_options(name: str, width: int, num_heads: int, target_params: int,

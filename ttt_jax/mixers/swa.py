@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ttt_jax.mixers.common import SequenceMixer, dense, pad_to_multiple, partitioned
-from ttt_jax.ttt.layer import apply_rope
+from ttt_jax.mixers.common import (SequenceMixer, apply_rope, layer_norm, linear,
+                                   pad_to_multiple)
 
 
 def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -72,6 +72,8 @@ class SlidingWindowAttention(SequenceMixer):
   """Multi-head sliding-window attention with q/k/v/o projections (with bias) and
   QK-LayerNorm over head_dim (affine, eps 1e-6, shared across heads, as in CogVideoX)."""
 
+  uses_rope = True
+
   def __init__(self, width: int, num_heads: int, *, window: int = 8192, dtype: Any = None,
                rngs: nnx.Rngs):
     """Args:
@@ -89,31 +91,16 @@ class SlidingWindowAttention(SequenceMixer):
     self.head_dim = width // num_heads
     self.window = window
     self.q_proj, self.k_proj, self.v_proj = (
-        dense(width, width, ("embed", "heads"), use_bias=True, dtype=dtype, rngs=rngs)
+        linear(width, width, ("embed", "heads"), dtype=dtype, rngs=rngs, matmul_vjp=True)
         for _ in range(3))
-    self.o_proj = dense(width, width, ("heads", "embed"), use_bias=True, dtype=dtype, rngs=rngs)
-    self.q_norm, self.k_norm = (nnx.LayerNorm(
-        self.head_dim, epsilon=1e-6, dtype=dtype,
-        scale_init=partitioned(nnx.initializers.ones_init(), ("head_dim",)),
-        bias_init=partitioned(nnx.initializers.zeros_init(), ("head_dim",)),
-        rngs=rngs) for _ in range(2))
+    self.o_proj = linear(width, width, ("heads", "embed"), dtype=dtype, rngs=rngs,
+                         matmul_vjp=True)
+    self.q_norm, self.k_norm = (layer_norm(self.head_dim, 1e-6, axis_name="head_dim",
+                                           dtype=dtype, rngs=rngs) for _ in range(2))
 
-  def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None,
-               reverse: bool = False) -> jax.Array:
-    """x: `[batch, seq, width]`; rope: (cos, sin) `[seq, head_dim]` or None (no positions).
-
-    `reverse` runs right to left; each token keeps its own rotation (rope is flipped with x).
-    """
-    if rope is not None and rope[0].shape != (x.shape[1], self.head_dim):
-      raise ValueError(f"rope cos/sin must be [seq, head_dim] = {(x.shape[1], self.head_dim)}, "
-                       f"got {rope[0].shape}")
-    if reverse:
-      flipped = None if rope is None else tuple(jnp.flip(r, axis=0) for r in rope)
-      return jnp.flip(self.mix(jnp.flip(x, axis=1), flipped), axis=1)
-    return self.mix(x, rope)
-
-  def mix(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-    """x: `[batch, seq, width]` -> `[batch, seq, width]` (dtype of x)."""
+  def mix(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+    """x: `[batch, seq, width]`; rope (cos, sin) `[seq, head_dim]` or None -> `[batch, seq,
+    width]` (dtype of x)."""
     heads = (*x.shape[:2], self.num_heads, self.head_dim)
     q = self.q_norm(self.q_proj(x).reshape(heads))
     k = self.k_norm(self.k_proj(x).reshape(heads))

@@ -39,7 +39,6 @@ layout"):
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import jax
@@ -47,10 +46,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ttt_jax.mixers.common import layer_norm, linear
 from ttt_jax.models.layers import (Attention, ExpertAdaLN, FeedForward, Rope, TimestepEmbedding,
-                                   constrain, layer_norm, linear, partitioned,
                                    select_by_type)
 from ttt_jax.models.rope import rope_3d, sincos_3d, timestep_embedding
+from ttt_jax.parallel.mesh import constrain, partitioned
 
 MixerFactory = Callable[..., nnx.Module | None]
 # The residual stream [batch, seq, width]: batch over data x fsdp, sequence over context.
@@ -147,11 +147,6 @@ def cogvideox_5b(**overrides: Any) -> DiTConfig:
   return dataclasses.replace(DiTConfig(), **overrides)
 
 
-def count_params(model: nnx.Module) -> int:
-  """Number of parameters (works on abstract models from nnx.eval_shape too)."""
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
 class Layout:
   """Static token layout of an S-segment video (numpy index tables, built from shapes).
 
@@ -199,33 +194,33 @@ class Layout:
     self.reverse_inverse = np.argsort(self.reverse_order)
 
   @property
-  def is_text(self) -> jnp.ndarray:
+  def is_text(self) -> jax.Array:
     return jnp.asarray(self.is_text_np)
 
-  def assemble(self, text: jnp.ndarray, video: jnp.ndarray) -> jnp.ndarray:
+  def assemble(self, text: jax.Array, video: jax.Array) -> jax.Array:
     """text [b, S, Lt, w], video [b, frames*hw, w] -> canonical [b, seq, w]."""
     flat = jnp.concatenate([text.reshape(text.shape[0], -1, text.shape[-1]), video], axis=1)
     return flat[:, self.source]
 
-  def reverse(self, x: jnp.ndarray) -> jnp.ndarray:
+  def reverse(self, x: jax.Array) -> jax.Array:
     """canonical [b, seq, w] -> the reverse pass's order [b, seq, w]."""
     return x[:, self.reverse_order]
 
-  def unreverse(self, x: jnp.ndarray) -> jnp.ndarray:
+  def unreverse(self, x: jax.Array) -> jax.Array:
     """The reverse pass's order [b, seq, w] -> canonical [b, seq, w]."""
     return x[:, self.reverse_inverse]
 
-  def video(self, x: jnp.ndarray) -> jnp.ndarray:
+  def video(self, x: jax.Array) -> jax.Array:
     """canonical [b, seq, w] -> video tokens [b, frames*hw, w] in (frame, h, w) order."""
     return x[:, self.video_index]
 
-  def split(self, x: jnp.ndarray) -> jnp.ndarray:
+  def split(self, x: jax.Array) -> jax.Array:
     """canonical [b, seq, w] -> per-segment [b, S, segment_len, w] (overlap frames copied)."""
     if self.segments == 1:
       return x[:, None]
     return x[:, self.gather]
 
-  def merge(self, y: jnp.ndarray) -> jnp.ndarray:
+  def merge(self, y: jax.Array) -> jax.Array:
     """per-segment [b, S, segment_len, w] -> canonical [b, seq, w], overlap copies averaged."""
     if self.segments == 1:
       return y[:, 0]
@@ -275,7 +270,7 @@ def _mixer_rope_tables(cfg: DiTConfig, layout: Layout, head_dim: int,
 class _Context:
   """What every block needs besides its parameters."""
   layout: Layout
-  is_text: jnp.ndarray            # [seq] bool
+  is_text: jax.Array            # [seq] bool
   attn_rope: Rope | None          # [segment_len or seq, head_dim]
   mixer_rope: Rope                # [seq, mixer_head_dim], global frame index
   local_attention: bool
@@ -313,7 +308,7 @@ class DiTBlock(nnx.Module):
       self.alpha = nnx.Param(gate_init(rngs.params(), (2, w), jnp.float32))
       self.beta = nnx.Param(gate_init(rngs.params(), (2, w), jnp.float32))
 
-  def _attend(self, x: jnp.ndarray, ctx: _Context) -> jnp.ndarray:
+  def _attend(self, x: jax.Array, ctx: _Context) -> jax.Array:
     if not ctx.local_attention:
       return self.attn1(x, ctx.attn_rope)
     layout, batch = ctx.layout, x.shape[0]
@@ -321,7 +316,7 @@ class DiTBlock(nnx.Module):
     out = self.attn1(segs, ctx.attn_rope)
     return layout.merge(out.reshape(batch, layout.segments, layout.segment_len, -1))
 
-  def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, ctx: _Context) -> jnp.ndarray:
+  def __call__(self, x: jax.Array, temb: jax.Array, ctx: _Context) -> jax.Array:
     """[batch, seq, width] canonical tokens -> same; temb [batch, time_embed_dim]."""
     normed, gate = self.norm1(x, temb, ctx.is_text)
     h = self._attend(normed, ctx)
@@ -383,7 +378,7 @@ class DiT(nnx.Module):
     self.proj_out = linear(w, cfg.out_channels * pt * cfg.patch_size ** 2, ("embed", "conv_out"),
                            rngs=rngs, dtype=dtype)
 
-  def _positions(self, layout: Layout, grid: tuple[int, int]) -> jnp.ndarray | None:
+  def _positions(self, layout: Layout, grid: tuple[int, int]) -> jax.Array | None:
     """Additive positional embedding per segment [segment_len, width], or None (RoPE only)."""
     cfg = self.config
     if cfg.use_learned_positional_embeddings:
@@ -397,8 +392,8 @@ class DiT(nnx.Module):
                       cfg.spatial_interpolation_scale, cfg.temporal_interpolation_scale)
     return jnp.asarray(layout.segment_table(table, np.zeros(cfg.width, np.float32)))
 
-  def __call__(self, latents: jnp.ndarray, text: jnp.ndarray, timestep: jnp.ndarray,
-               ofs: jnp.ndarray | None = None) -> jnp.ndarray:
+  def __call__(self, latents: jax.Array, text: jax.Array, timestep: jax.Array,
+               ofs: jax.Array | None = None) -> jax.Array:
     """Predicts the diffusion target for a video of S segments.
 
     Args:
@@ -449,8 +444,8 @@ class DiT(nnx.Module):
     out = out.transpose(0, 1, 5, 4, 2, 6, 3, 7)
     return out.reshape(batch, frames, -1, height, width)
 
-  def _run_blocks(self, x: jnp.ndarray, temb: jnp.ndarray, ctx: _Context) -> jnp.ndarray:
-    def body(block: DiTBlock, h: jnp.ndarray) -> jnp.ndarray:
+  def _run_blocks(self, x: jax.Array, temb: jax.Array, ctx: _Context) -> jax.Array:
+    def body(block: DiTBlock, h: jax.Array) -> jax.Array:
       return block(h, temb, ctx)
 
     if self.config.remat:
@@ -458,7 +453,7 @@ class DiT(nnx.Module):
 
     @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
               transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def scan_layers(h: jnp.ndarray, block: DiTBlock) -> jnp.ndarray:
+    def scan_layers(h: jax.Array, block: DiTBlock) -> jax.Array:
       return body(block, h)
 
     return scan_layers(x, self.blocks)

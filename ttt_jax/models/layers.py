@@ -10,37 +10,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ttt_jax.models.rope import apply_rope
-# Re-exported: dit.py imports them from here.
-from ttt_jax.parallel.mesh import constrain, partitioned  # pylint: disable=unused-import
+# The one linear and LayerNorm factories and RoPE sit with the mixers, which use them too.
+from ttt_jax.mixers.common import apply_rope, layer_norm, linear
+from ttt_jax.parallel.mesh import constrain
 
-Rope = tuple[jnp.ndarray, jnp.ndarray]
-
-_default_kernel = nnx.initializers.lecun_normal()
+Rope = tuple[jax.Array, jax.Array]
 
 
-def linear(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
-           rngs: nnx.Rngs, use_bias: bool = True, dtype=None,
-           kernel_init=_default_kernel) -> nnx.Linear:
-  """nnx.Linear whose kernel [in, out] and bias [out] carry logical axis names."""
-  return nnx.Linear(
-      in_features, out_features, use_bias=use_bias, dtype=dtype,
-      kernel_init=partitioned(kernel_init, axes),
-      bias_init=partitioned(nnx.initializers.zeros_init(), (axes[1],)),
-      rngs=rngs)
-
-
-def layer_norm(features: int, eps: float, *, rngs: nnx.Rngs, affine: bool = True,
-               axis_name: str = "embed", dtype=None) -> nnx.LayerNorm:
-  """torch.nn.LayerNorm equivalent (biased variance), optional affine params."""
-  return nnx.LayerNorm(
-      features, epsilon=eps, use_bias=affine, use_scale=affine, dtype=dtype,
-      scale_init=partitioned(nnx.initializers.ones_init(), (axis_name,)),
-      bias_init=partitioned(nnx.initializers.zeros_init(), (axis_name,)),
-      rngs=rngs)
-
-
-def select_by_type(is_text: jnp.ndarray, text: jnp.ndarray, video: jnp.ndarray) -> jnp.ndarray:
+def select_by_type(is_text: jax.Array, text: jax.Array, video: jax.Array) -> jax.Array:
   """Per-token choice between a text and a video vector.
 
   Args:
@@ -61,7 +38,7 @@ class TimestepEmbedding(nnx.Module):
     self.linear_1 = linear(in_features, out_features, ("embed", "mlp"), rngs=rngs, dtype=dtype)
     self.linear_2 = linear(out_features, out_features, ("mlp", "embed"), rngs=rngs, dtype=dtype)
 
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jax.Array) -> jax.Array:
     """[batch, in] -> [batch, out]."""
     return self.linear_2(jax.nn.silu(self.linear_1(x)))
 
@@ -77,8 +54,8 @@ class ExpertAdaLN(nnx.Module):
     self.linear = linear(cond_dim, 6 * width, ("embed", "mlp"), rngs=rngs, dtype=dtype)
     self.norm = layer_norm(width, eps, affine=affine, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x: jnp.ndarray, temb: jnp.ndarray,
-               is_text: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  def __call__(self, x: jax.Array, temb: jax.Array,
+               is_text: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Modulated norm and gate.
 
     Args:
@@ -97,7 +74,7 @@ class ExpertAdaLN(nnx.Module):
 IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
 
 
-def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """softmax(q k^T / sqrt(d)) v: q [b, sq, h, d], k, v [b, sk, h, d] -> [b, sq, h, d].
 
   An explicit softmax in float32 or wider (jax.nn.dot_product_attention's XLA path always uses
@@ -108,8 +85,8 @@ def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
   return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
-def chunked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
-                      query_chunk: int) -> jnp.ndarray:
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                      query_chunk: int) -> jax.Array:
   """`attention`, `query_chunk` queries at a time: [b, sq, h, d] -> [b, sq, h, d].
 
   Each chunk's [b, h, query_chunk, sk] scores live only inside a checkpointed map body, so the
@@ -152,7 +129,7 @@ class Attention(nnx.Module):
     self.norm_k = layer_norm(head_dim, 1e-6, axis_name="head_dim", rngs=rngs,
                              dtype=dtype) if qk_norm else None
 
-  def __call__(self, x: jnp.ndarray, rope: Rope | None) -> jnp.ndarray:
+  def __call__(self, x: jax.Array, rope: Rope | None) -> jax.Array:
     """Full (unmasked) attention over x.
 
     Args:
@@ -187,7 +164,7 @@ class FeedForward(nnx.Module):
     self.proj_in = linear(width, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
     self.proj_out = linear(hidden, width, ("mlp", "embed"), rngs=rngs, dtype=dtype)
 
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jax.Array) -> jax.Array:
     """[batch, seq, width] -> [batch, seq, width]."""
     h = constrain(jax.nn.gelu(self.proj_in(x), approximate=True),
                   ("activation_batch", "activation_length", "activation_mlp"))

@@ -1,14 +1,15 @@
 """Position tables of CogVideoX: 3D RoPE, 3D sin-cos embeddings, sinusoidal timesteps.
 
 The tables are static (they depend only on shapes), so they are built with numpy in float64
-and cast once; `apply_rope` is the only part that runs on device. Every function follows
-the diffusers function named in its docstring, including its quirks, so converted CogVideoX
-weights see exactly the positions they were trained with.
+and cast once; the rotation that runs on device is `ttt_jax.mixers.common.apply_rope`, shared
+with the mixers. Every function follows the diffusers function named in its docstring, including
+its quirks, so converted CogVideoX weights see exactly the positions they were trained with.
 """
 from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -78,23 +79,6 @@ def rope_3d(head_dim: int, frames: int, grid_h: int, grid_w: int, base_h: int, b
   return tables[0], tables[1]
 
 
-def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-  """Rotates interleaved pairs (x0, x1), (x2, x3), ... of the last axis.
-
-  Args:
-    x: [batch, seq, heads, head_dim].
-    cos, sin: [seq, head_dim]; rows with cos=1, sin=0 leave a token unchanged.
-
-  Returns:
-    [batch, seq, heads, head_dim], dtype of x (the rotation runs in at least float32).
-  """
-  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  pairs = xf.reshape(*x.shape[:-1], -1, 2)
-  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-  out = xf * cos[:, None, :] + rotated * sin[:, None, :]
-  return out.astype(x.dtype)
-
-
 def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
   omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
   angles = np.outer(pos.reshape(-1).astype(np.float64), omega)
@@ -124,8 +108,8 @@ def sincos_3d(width: int, frames: int, grid_h: int, grid_w: int, spatial_scale: 
   return table.reshape(frames * hw, width).astype(np.float32)
 
 
-def timestep_embedding(t: jnp.ndarray, dim: int, *, flip_sin_to_cos: bool = True,
-                       freq_shift: float = 0.0, max_period: float = 10000.0) -> jnp.ndarray:
+def timestep_embedding(t: jax.Array, dim: int, *, flip_sin_to_cos: bool = True,
+                       freq_shift: float = 0.0, max_period: float = 10000.0) -> jax.Array:
   """diffusers' `get_timestep_embedding`: [batch] -> [batch, dim] float32."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32)

@@ -1,4 +1,5 @@
-"""TTTLayer: the Flax NNX module around `ttt_scan` (../shared/PAPER.md, "TTT layer").
+"""TTT-MLP and TTT-Linear as a sequence mixer: the Flax NNX module around `ttt_scan`
+(../shared/PAPER.md, "TTT layer"); the math is ttt_jax/ttt/.
 
   XQ, XK, XV = x θQ, x θK, x θV            split into heads, [batch, seq, heads, head_dim]
   XQ, XK     = L2-normalised per head, then 3D RoPE on video tokens (through `rope`)
@@ -18,24 +19,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ttt_jax.mixers.common import SequenceMixer, apply_rope, layer_norm, linear
 from ttt_jax.ttt import inner as inner_lib
 from ttt_jax.ttt.scan import DEFAULT_CHECKPOINT_GROUP_SIZE, ttt_scan
 
 # Paper's training values: mini-batch 64 / inner lr 0.1 for MLP, 16 / 1.0 for Linear.
 DEFAULT_MINI_BATCH_SIZE = {"mlp": 64, "linear": 16}
 DEFAULT_INNER_LR_BASE = {"mlp": 0.1, "linear": 1.0}
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotary embedding with interleaved pairs (diffusers' CogVideoX convention).
-
-  x: [batch, seq, heads, head_dim]; cos, sin: [seq, head_dim], each value repeated for the two
-  members of a pair (cos = sin = identity rows, i.e. 1 and 0, for text tokens).
-  """
-  pairs = x.reshape(*x.shape[:-1], -1, 2)
-  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-  cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-  return (x * cos + rotated * sin).astype(x.dtype)
 
 
 def _at_least_f32(x: jax.Array) -> jax.Array:
@@ -59,17 +49,21 @@ def normalize_target(target: jax.Array, weight: jax.Array, bias: jax.Array,
 
 
 def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps) over the last axis, as torch.nn.functional.normalize in the reference
+  (not common.l2_normalize, fla's eps inside the root); the norm in at least float32."""
   norm_sq = jnp.sum(jnp.square(_at_least_f32(x)), axis=-1, keepdims=True)
   return (x * jax.lax.rsqrt(jnp.maximum(norm_sq, eps * eps))).astype(x.dtype)
 
 
-class TTTLayer(nnx.Module):
+class TTTLayer(SequenceMixer):
   """TTT-MLP / TTT-Linear sequence mixer.
 
-  Call: `layer(x, rope=None, reverse=False)` with x [batch, seq, width] -> [batch, seq, width].
-  `reverse=True` runs the same parameters over the reversed sequence (and reversed rope) and
-  returns the output in the original order: the backward half of the bidirectional block.
+  Call: `layer(x, rope=None, reverse=False)` with x [batch, seq, width] -> [batch, seq, width]
+  (SequenceMixer). `reverse=True` runs the same parameters over the reversed sequence (and
+  reversed rope) and returns the output in the original order.
   """
+
+  uses_rope = True
 
   def __init__(self, width: int, num_heads: int, *, inner: str = "mlp",
                mini_batch_size: int | None = None, inner_lr_base: float | None = None,
@@ -90,19 +84,14 @@ class TTTLayer(nnx.Module):
     self.dtype = dtype
 
     normal = nnx.initializers.normal(0.02)
-    # Logical axis names are metadata only (no eager sharding): modules build without a mesh.
-    named = lambda init, axes: nnx.with_partitioning(init, axes, eager_sharding=False)
-    proj = lambda axes: dict(
-        use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-        kernel_init=named(normal, axes), bias_init=named(nnx.initializers.zeros_init(), axes[1:]))
-    self.wq = nnx.Linear(width, width, **proj(("embed", "heads")))
-    self.wk = nnx.Linear(width, width, **proj(("embed", "heads")))
-    self.wv = nnx.Linear(width, width, **proj(("embed", "heads")))
-    self.wo = nnx.Linear(width, width, **proj(("heads", "embed")))
-    self.post_norm = nnx.LayerNorm(
-        width, epsilon=post_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-        scale_init=named(nnx.initializers.ones_init(), ("embed",)),
-        bias_init=named(nnx.initializers.zeros_init(), ("embed",)))
+    proj = lambda axes: linear(width, width, axes, dtype=dtype, param_dtype=param_dtype,
+                               kernel_init=normal, rngs=rngs)
+    self.wq = proj(("embed", "heads"))
+    self.wk = proj(("embed", "heads"))
+    self.wv = proj(("embed", "heads"))
+    self.wo = proj(("heads", "embed"))
+    self.post_norm = layer_norm(width, post_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                                rngs=rngs)
     # Per-head inner learning-rate gate: η_t = base · sigmoid(x_t · w_h + b_h) / head_dim.
     self.lr_weight = nnx.Param(normal(rngs.params(), (width, num_heads), param_dtype),
                                sharding=("embed", "heads"), eager_sharding=False)
@@ -122,21 +111,16 @@ class TTTLayer(nnx.Module):
     return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
 
   def inner_lr(self, x: jax.Array) -> jax.Array:
-    """Per-token, per-head step η_t / mini_batch_size: x [batch, seq, width] -> [batch, heads, seq]."""
+    """Per-token, per-head step η_t / mini_batch_size: x [batch, seq, width] ->
+    [batch, heads, seq]."""
     logits = _at_least_f32(x) @ _at_least_f32(self.lr_weight[...]) + self.lr_bias[...]
     eta = self.inner_lr_base * jax.nn.sigmoid(logits) / self.head_dim / self.mini_batch_size
     return jnp.swapaxes(eta, 1, 2)
 
-  def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None,
-               reverse: bool = False) -> jax.Array:
+  def mix(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+    """x [batch, seq, width], rope (cos, sin) [seq, head_dim] or None -> [batch, seq, width]."""
     if x.ndim != 3 or x.shape[-1] != self.width:
       raise ValueError(f"TTTLayer expects [batch, seq, {self.width}], got {x.shape}")
-    if rope is not None and rope[0].shape != (x.shape[1], self.head_dim):
-      raise ValueError(f"rope cos/sin must be [seq, head_dim] = {(x.shape[1], self.head_dim)}, "
-                       f"got {rope[0].shape}")
-    if reverse:
-      x = jnp.flip(x, axis=1)
-      rope = None if rope is None else tuple(jnp.flip(r, axis=0) for r in rope)
     xq = _l2_normalize(self._split_heads(self.wq(x)))
     xk = _l2_normalize(self._split_heads(self.wk(x)))
     xv = self._split_heads(self.wv(x))
@@ -153,5 +137,4 @@ class TTTLayer(nnx.Module):
                     mini_batch_size=self.mini_batch_size, impl=self.impl,
                     checkpoint_group_size=self.checkpoint_group_size, eps=self.inner_eps)
     z = jnp.transpose(z, (0, 2, 1, 3)).reshape(x.shape)
-    out = self.wo(self.post_norm(z))
-    return jnp.flip(out, axis=1) if reverse else out
+    return self.wo(self.post_norm(z))
