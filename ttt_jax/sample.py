@@ -33,13 +33,13 @@ from absl import logging
 from flax import nnx
 
 from ttt_jax import cli, diffusion
+from ttt_jax.data import features
+from ttt_jax.data.encoders import Encoders, require_paths
 from ttt_jax.data.storyboard import Segment, load_storyboard, segment_prompts
-from ttt_jax.data.tokenizer import SCENE_END, StoryboardTokenizer
+from ttt_jax.data.tokenizer import SCENE_END
 from ttt_jax.data.video_io import contact_sheet, to_uint8, write_mp4, write_png
 from ttt_jax.models.dit_convert import load_dit
-from ttt_jax.models.t5_convert import load_t5
 from ttt_jax.models.vae import Tiling
-from ttt_jax.models.vae_convert import load_converted_vae
 
 # Architecture fields the run config and the checkpoint must agree on.
 _MUST_MATCH = ("mixer", "num_layers", "num_heads", "head_dim", "in_channels", "text_embed_dim")
@@ -49,11 +49,7 @@ class Sampler:
   """Models loaded once; `generate` is compiled once per segment count."""
 
   def __init__(self, config: ml_collections.ConfigDict, checkpoint: str):
-    for key, path in (("text.checkpoint", config.text.checkpoint),
-                      ("text.tokenizer", config.text.tokenizer),
-                      ("vae.checkpoint", config.vae.checkpoint)):
-      if not path:
-        raise ValueError(f"config.{key} is empty: sampling needs a converted model there")
+    require_paths(config, "sampling")
     self.config = config
     self.dit = load_dit(resolve_checkpoint(checkpoint), dtype=config.model.dtype)
     mismatch = {k: (getattr(self.dit.config, k), config.model[k]) for k in _MUST_MATCH
@@ -61,9 +57,9 @@ class Sampler:
     if mismatch:
       raise ValueError(f"checkpoint {checkpoint} does not match config.model "
                        f"(checkpoint, config): {mismatch}")
-    self.tokenizer = StoryboardTokenizer(config.text.tokenizer, max_length=config.text.max_length)
-    _, self.t5 = load_t5(config.text.checkpoint)
-    self.vae_config, self.vae = load_converted_vae(config.vae.checkpoint)
+    self.encoders = Encoders(config, "sampling")
+    self.tokenizer, self.vae_config, self.vae = (self.encoders.tokenizer,
+                                                 self.encoders.vae_config, self.encoders.vae)
     multiple = self.vae_config.spatial_compression * self.dit.config.patch_size
     if config.height % multiple or config.width % multiple:
       raise ValueError(f"config.height x config.width = {config.height} x {config.width} pixels: "
@@ -71,14 +67,13 @@ class Sampler:
                        f"{self.vae_config.spatial_compression} x DiT patch_size "
                        f"{self.dit.config.patch_size})")
     self.schedule = diffusion.make_schedule(**config.diffusion)
-    self._encode_text = nnx.jit(lambda t5, ids: t5(ids))
     self._generate = jax.jit(self._denoise, static_argnums=(0,))
 
   def encode_text(self, texts: list[str]) -> jax.Array:
     """Per-segment texts -> [1, segments, max_length, d_model]. As CogVideoX, no attention mask:
     the encoder sees the padding too."""
     ids, _ = self.tokenizer.encode(texts)
-    return self._encode_text(self.t5, jnp.asarray(ids))[None]
+    return self.encoders.encode_ids(ids)[None]
 
   def storyboard_warnings(self, segments: list[Segment]) -> list[str]:
     """One line per problem that does not stop sampling: text cut to config.text.max_length
@@ -101,7 +96,8 @@ class Sampler:
 
   def latent_shape(self, segments: int) -> tuple[int, ...]:
     c, f = self.config, self.vae_config.spatial_compression
-    return (1, 1 + 12 * segments, c.model.in_channels, c.height // f, c.width // f)
+    return (1, features.latent_frames(segments, c.fps), c.model.in_channels, c.height // f,
+            c.width // f)
 
   def _denoise(self, num_steps, dit_state, x_T, cond, uncond, rng):
     graphdef = self._graphdef
