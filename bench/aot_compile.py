@@ -40,6 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -90,17 +91,11 @@ def compile_train_step(config, devices: list[jax.Device]) -> dict:
               for k, s in shapes.items()}
   batch = {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=batch_sh[k])
            for k, s in shapes.items()}
-  with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-  params = {p: with_sharding(a, setup.shardings[p]) for p, a in setup.abstract.items()}
-  trainable, frozen = setup.split(params)
-  opt_abs = jax.eval_shape(setup.tx.init, setup.split(setup.abstract)[0])
-  opt_sh = train.opt_shardings(setup, opt_abs)
-  opt_state = jax.tree.map(with_sharding, opt_abs, opt_sh)
   null_text = np.zeros((c.text.max_length, c.model.text_embed_dim), np.float32)
-  step_fn = train.make_train_step(config, setup, null_text, batch_sh, opt_sh)
+  step_fn = train.make_train_step(config, setup, null_text, batch_sh)
   step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+  trainable = nnx.state(nnx.merge(setup.graphdef, setup.abstract)[0], setup.trainable)
 
-  count = lambda tree: int(sum(np.prod(a.shape) for a in jax.tree.leaves(tree)))
   result = {
       "stage": config.stage,
       "num_layers": config.model.num_layers,
@@ -109,11 +104,11 @@ def compile_train_step(config, devices: list[jax.Device]) -> dict:
       "global_batch": b,
       "devices": len(devices),
       "mesh": dict(mesh.shape),
-      "params": count(setup.abstract),
-      "trainable_params": count(trainable),
+      "params": train.count_params(setup.items(setup.abstract)["params"]),
+      "trainable_params": train.count_params(trainable),
   }
   start = time.perf_counter()
-  lowered = step_fn.lower(trainable, frozen, opt_state, batch, step)
+  lowered = step_fn.lower(setup.abstract, batch, step)
   result["lower_seconds"] = round(time.perf_counter() - start, 1)
   try:
     compiled = lowered.compile()

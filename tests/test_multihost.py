@@ -68,7 +68,7 @@ def stage_mesh(devices):
 
 # One process of the run: argv = workdir, process id, number of processes, coordinator port.
 _WORKER = """
-import json, sys
+import json, os, signal, sys
 import jax
 workdir, pid, nproc, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 jax.config.update("jax_num_cpu_devices", 4)
@@ -89,8 +89,11 @@ full = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in batch.it
 print("ROWS", json.dumps(rows.tolist()), flush=True)
 if pid == 0:
   np.savez(workdir + ".batch0.npz", **full)
+# The fault injection: a hook that kills this process after step KILL_AT_STEP.
+kill_at = int(os.environ.get("KILL_AT_STEP", "0"))
 train.train(c, workdir, loader=loader, mesh=mesh,
-            on_step=lambda step, total, m: print("STEP", step, repr(m["loss"]), flush=True))
+            on_step=lambda step, total, m: print("STEP", step, repr(m["loss"]), flush=True),
+            hooks=[lambda step: step == kill_at and os.kill(os.getpid(), signal.SIGKILL)])
 print("DONE", flush=True)
 """
 
@@ -136,7 +139,7 @@ def test_two_processes_kill_restart_resume_and_export_match_one_process(tmp_path
     losses = [(r["step"], r["loss"]) for r in map(json.loads, f)]
 
   workdir = tmp_path / "two"
-  first = _start(tmp_path, workdir, [{}, {"TTT_JAX_FAULT_KILL_AT_STEP": str(KILL_AT)}])
+  first = _start(tmp_path, workdir, [{}, {"KILL_AT_STEP": str(KILL_AT)}])
   try:
     first[1].wait(timeout=600)
   finally:  # process 0 waits in a collective for its dead peer: kill it too

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ttt_jax.models.pixel_vae import PixelVAE, PixelVAEConfig, fit_linear
-from ttt_jax.models.vae_convert import load_converted_vae, save_pixel_vae
+from ttt_jax import checkpoint
+from ttt_jax.models.vae_convert import load_converted_vae
 
 
 def _linear_motion_video(keys):
@@ -67,7 +68,7 @@ def test_bad_shapes_and_checkpoint_roundtrip(tmp_path):
   mean, basis, std = fit_linear(np.random.default_rng(2).uniform(size=(2, 4, 4, 3)), 2, 3)
   config = PixelVAEConfig(patch=2, scaling_factor=1.7, mean=tuple(mean.tolist()),
                           basis=tuple(map(tuple, basis.tolist())), channel_std=tuple(std.tolist()))
-  save_pixel_vae(tmp_path, config)
+  checkpoint.save_model(tmp_path, config)
   loaded, model = load_converted_vae(tmp_path)
   assert loaded == config and isinstance(model, PixelVAE)
   assert (loaded.latent_channels, loaded.spatial_compression) == (3, 2)

@@ -1,7 +1,7 @@
 """Precompute (video -> VAE latents, texts -> T5 embeddings) and the training loader over it.
 
 The test builds everything it needs without torch: a sentencepiece model it trains, a tiny random
-VAE and T5 written with save_vae / save_t5, and a tiny source dataset of the features.py schema
+VAE and T5 written with checkpoint.save_model, and a tiny source dataset of the features.py schema
 (6 examples of 2 segments, 97 frames of 32 x 48 at 16 fps) from a builder defined here.
 """
 import json
@@ -20,15 +20,16 @@ import tensorflow_datasets as tfds
 from flax import nnx, traverse_util
 
 from configs import tomjerry_3s
+from ttt_jax import checkpoint
 from ttt_jax.data import features
 from ttt_jax.data import precompute as precompute_lib
 from ttt_jax.data.loader import LatentLoader
 from ttt_jax.data.precompute import precompute
 from ttt_jax.data.tokenizer import StoryboardTokenizer, segment_text
 from ttt_jax.models.t5 import T5Config, T5Encoder, extend_embeddings
-from ttt_jax.models.t5_convert import load_t5, save_t5
+from ttt_jax.models.t5_convert import load_t5
 from ttt_jax.models.vae import CogVideoXVAE, VAEConfig
-from ttt_jax.models.vae_convert import load_converted_vae, save_vae
+from ttt_jax.models.vae_convert import load_converted_vae
 
 CORPUS = ["Tom chases Jerry around the red kitchen.", "Jerry hides in a blue teacup.",
           "The cat slips on a banana peel and crashes.", "A mouse laughs at the cat."] * 20
@@ -120,11 +121,11 @@ def assets(tmp_path_factory):
                        relative_attention_max_distance=16)
   t5 = random_model(lambda rngs: T5Encoder(t5_config, rngs=rngs))
   extend_embeddings(t5, tokenizer.vocab_size - 40, jax.random.key(1))  # sentinels + scene tokens
-  save_t5(root / "t5", t5.config, t5)
+  checkpoint.save_model(root / "t5", t5.config, t5)
   vae_config = VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1,
                          latent_channels=config.model.in_channels, norm_num_groups=4,
                          sample_height=HEIGHT, sample_width=WIDTH)
-  save_vae(root / "vae", vae_config, random_model(lambda rngs: CogVideoXVAE(vae_config, rngs=rngs)))
+  checkpoint.save_model(root / "vae", vae_config, random_model(lambda rngs: CogVideoXVAE(vae_config, rngs=rngs)))
 
   config.text.checkpoint, config.text.tokenizer = str(root / "t5"), str(root / "spiece.model")
   config.vae.checkpoint = str(root / "vae")

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 from configs import tomjerry_3s, tomjerry_9s, tomjerry_18s, tomjerry_30s, tomjerry_63s
 from ttt_jax import checkpoint, train
@@ -57,15 +57,21 @@ def small(config_module, **train_overrides):
 
 # ---------------------------------------------------------------------------- optimizer
 
+def _selected(train_cfg, paths):
+  """path -> 'fast' | 'slow' | 'frozen' under a config's trainable groups."""
+  trainable = nnx.filterlib.to_predicate(train.trainable_filter(train_cfg))
+  return {p: train.label_of(p) if trainable(p, nnx.Param(0)) else "frozen" for p in paths}
+
+
 def test_groups_and_labels_follow_the_stages():
-  flat = {("blocks", "mixer", "wq", "kernel"): 0, ("blocks", "alpha"): 0,
-          ("blocks", "attn1", "to_q", "kernel"): 0, ("blocks", "ff", "proj_in", "kernel"): 0,
-          ("patch_proj", "kernel"): 0}
-  first = train._labels(flat, tomjerry_3s.get_config().train)
+  paths = [("blocks", "mixer", "wq", "kernel"), ("blocks", "alpha"),
+           ("blocks", "attn1", "to_q", "kernel"), ("blocks", "ff", "proj_in", "kernel"),
+           ("patch_proj", "kernel")]
+  first = _selected(tomjerry_3s.get_config().train, paths)
   assert first == {("blocks", "mixer", "wq", "kernel"): "fast", ("blocks", "alpha"): "fast",
                    ("blocks", "attn1", "to_q", "kernel"): "slow",
                    ("blocks", "ff", "proj_in", "kernel"): "slow", ("patch_proj", "kernel"): "slow"}
-  later = train._labels(flat, tomjerry_9s.get_config().train)
+  later = _selected(tomjerry_9s.get_config().train, paths)
   assert later[("blocks", "ff", "proj_in", "kernel")] == "frozen"
   assert later[("patch_proj", "kernel")] == "frozen"
   assert later[("blocks", "attn1", "to_q", "kernel")] == "slow"
@@ -73,7 +79,7 @@ def test_groups_and_labels_follow_the_stages():
   bad = tomjerry_9s.get_config().train
   bad.trainable = ("mixer", "nonsense")
   with pytest.raises(ValueError, match="unknown group.*nonsense"):
-    train._labels(flat, bad)
+    train.trainable_filter(bad)
 
 
 def test_adamw_step_matches_hand_computation():
@@ -86,8 +92,7 @@ def test_adamw_step_matches_hand_computation():
   rng = np.random.default_rng(0)
   params = {p: rng.normal(size=(3, 4)).astype(np.float32) for p in paths}
   grads = {p: rng.normal(size=(3, 4)).astype(np.float32) for p in paths}
-  labels = train._labels(params, c)
-  tx = train.make_optimizer(c, paths, labels)
+  tx = train.make_optimizer(c)
   tree = traverse_util.unflatten_dict
   updates, _ = tx.update(tree(grads), tx.init(tree(params)), tree(params))
   updates = traverse_util.flatten_dict(updates)
@@ -109,33 +114,39 @@ def test_frozen_groups_do_not_move_and_trained_ones_do(tmp_path):
   out = train.train(c, str(tmp_path / "a"), loader=FakeLoader(c), mesh=_one_device())
   c0 = small(tomjerry_9s, steps=0)
   setup = train.build_setup(c0, _one_device())
-  before = {p: np.asarray(v) for p, v in train.init_params(setup, c.seed).items()}
+  before = traverse_util.flatten_dict(setup.init(c.seed)["params"])
   after = traverse_util.flatten_dict(checkpoint.load_params(os.path.join(out["model"], "params")))
+  trainable = nnx.filterlib.to_predicate(setup.trainable)
   for p, v in before.items():
-    moved = not np.array_equal(v, np.asarray(after[p]))
-    assert moved == (setup.labels[p] != "frozen"), p
+    moved = not np.array_equal(np.asarray(v), np.asarray(after[p]))
+    assert moved == trainable(p, nnx.Param(0)), p
 
 
 # A 6-step local 3 s run in its own process, through the CLI's error handling (cli.guard).
+# argv: workdir [step signal]: the fault injection, a hook that signals this process after the step.
 _RUN_SCRIPT = f"""
-import sys
+import os, signal, sys
 sys.path.insert(0, {REPO!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
 from configs import tomjerry_3s
 from test_train import FakeLoader, small
 from ttt_jax import cli, train
 c = small(tomjerry_3s, steps=6, checkpoint_every=2, keep_checkpoints=2)
+hooks = []
+if len(sys.argv) > 2:
+  at, sig = int(sys.argv[2]), getattr(signal, sys.argv[3])
+  hooks.append(lambda step: step == at and os.kill(os.getpid(), sig))
 with cli.guard(verbose=False):
-  train.train(c, sys.argv[1], loader=FakeLoader(c))
+  train.train(c, sys.argv[1], loader=FakeLoader(c), hooks=hooks)
 assert "tensorflow" not in sys.modules  # clu writers, Orbax, optax: no TensorFlow
 """
 
 
-def _run(tmp_path, workdir, **env):
+def _run(tmp_path, workdir, kill_at=None, signal_name="SIGKILL"):
   script = tmp_path / "run.py"
   script.write_text(_RUN_SCRIPT)
-  return subprocess.run([sys.executable, str(script), str(workdir)], capture_output=True,
-                        text=True, env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
-                                        **env})
+  fault = [] if kill_at is None else [str(kill_at), signal_name]
+  return subprocess.run([sys.executable, str(script), str(workdir)] + fault, capture_output=True,
+                        text=True, env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +166,7 @@ def _assert_same_run(resumed, straight):
 
 
 def test_resume_after_hard_kill_gives_the_same_loss_curve(straight, tmp_path):
-  killed = _run(tmp_path, tmp_path / "resumed", TTT_JAX_FAULT_KILL_AT_STEP="5")
+  killed = _run(tmp_path, tmp_path / "resumed", kill_at=5)
   assert killed.returncode == -9  # SIGKILL after step 5, its checkpoint at 4
   assert [s for s, _ in _losses(tmp_path / "resumed")] == [1, 2, 3, 4, 5]
   assert _run(tmp_path, tmp_path / "resumed").returncode == 0
@@ -168,13 +179,12 @@ def test_sigterm_saves_the_step_reached_and_resumes_exactly(straight, tmp_path):
   """Preemption: SIGTERM after step 5 (no periodic checkpoint there) -> checkpoint 5, metric
   writers flushed, exit 0 with one line saying how to resume; the resumed run = the straight."""
   workdir = tmp_path / "resumed"
-  stopped = _run(tmp_path, workdir, TTT_JAX_FAULT_KILL_AT_STEP="5",
-                 TTT_JAX_FAULT_SIGNAL="SIGTERM")
+  stopped = _run(tmp_path, workdir, kill_at=5, signal_name="SIGTERM")
   assert stopped.returncode == 0, stopped.stderr
   last = stopped.stderr.strip().splitlines()[-1]
   assert last == (f"python {tmp_path / 'run.py'}: stopped by SIGTERM at step 5; checkpoint saved "
                   f"in {workdir / 'checkpoints' / '5'}; resume with: python "
-                  f"{tmp_path / 'run.py'} {workdir}")
+                  f"{tmp_path / 'run.py'} {workdir} 5 SIGTERM")
   assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "5"]  # keep-2, no Orbax tmp dir
   assert [s for s, _ in _losses(workdir)] == [1, 2, 3, 4, 5]
   events = [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]
@@ -215,7 +225,7 @@ def test_resume_moves_a_damaged_checkpoint_aside_and_uses_the_one_before(tmp_pat
   other = _constant_lr(6)
   other.model.num_layers = 3
   with pytest.raises(ValueError, match=r"step 6 .* written for another model .*params: shape "
-                                       r"mismatches \['blocks/alpha: \(2, 2, 32\) stored"):
+                                       r"mismatches: \['blocks/alpha: \(2, 2, 32\) stored"):
     train.train(other, str(run), loader=FakeLoader(other), mesh=_one_device())
   assert sorted(os.listdir(run / "checkpoints")) == ["2", "4", "6"]
   assert os.listdir(run / "checkpoints_broken") == ["4"]
@@ -247,13 +257,19 @@ def test_handoff_initialises_only_new_parameters(tmp_path):
   b = small(tomjerry_9s)
   b.model.mixer = "ttt_linear"
   setup = train.build_setup(b, _one_device())
-  params, fresh = train.load_handoff(setup, str(tmp_path / "a"), seed=0)
+  params, fresh = _handoff(setup, str(tmp_path / "a"))
   assert fresh and all(f.split("/")[1] in ("mixer", "alpha", "beta") for f in fresh)
+  params = traverse_util.flatten_dict(setup.init(0, params)["params"])
   stored = traverse_util.flatten_dict(
       checkpoint.load_params(tmp_path / "a" / "checkpoints" / "1" / "params"))
   for p, v in stored.items():
     np.testing.assert_array_equal(np.asarray(params[p]), v)
   assert len(params) == len(stored) + len(fresh)
+
+
+def _handoff(setup, source):
+  return checkpoint.load_handoff(source, setup.items(setup.abstract)["params"],
+                                 train.is_new_param)
 
 
 @pytest.fixture(scope="module")
@@ -268,21 +284,19 @@ def test_handoff_reports_missing_unexpected_and_mismatched(stage_a, tmp_path):
   b = small(tomjerry_9s)
   b.model.mixer = "none"       # the source's mixer parameters are unexpected
   with pytest.raises(ValueError, match=r"unexpected parameters: \['blocks/alpha'"):
-    train.load_handoff(train.build_setup(b, _one_device()), stage_a, 0)
+    _handoff(train.build_setup(b, _one_device()), stage_a)
   b = small(tomjerry_9s)
   b.model.num_layers = 3       # every block parameter has the wrong layer count
   with pytest.raises(ValueError, match=r"shape mismatches: \['blocks/alpha: \(2, 2, 32\) stored"):
-    train.load_handoff(train.build_setup(b, _one_device()), stage_a, 0)
+    _handoff(train.build_setup(b, _one_device()), stage_a)
   # A source that lacks a non-new parameter: drop one from an exported model directory.
   params = checkpoint.load_params(os.path.join(stage_a, "model", "params"))
   del params["proj_out"]["bias"]
   checkpoint.save_params(tmp_path / "partial" / "params", params)
   with pytest.raises(ValueError, match=r"missing parameters: \['proj_out/bias'\]"):
-    train.load_handoff(train.build_setup(small(tomjerry_9s), _one_device()),
-                       str(tmp_path / "partial"), 0)
+    _handoff(train.build_setup(small(tomjerry_9s), _one_device()), str(tmp_path / "partial"))
   with pytest.raises(ValueError, match="neither a training workdir"):
-    train.load_handoff(train.build_setup(small(tomjerry_9s), _one_device()),
-                       str(tmp_path / "nowhere"), 0)
+    _handoff(train.build_setup(small(tomjerry_9s), _one_device()), str(tmp_path / "nowhere"))
 
 
 def test_all_five_local_stages_train_in_sequence_with_handoff(tmp_path):

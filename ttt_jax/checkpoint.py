@@ -1,5 +1,6 @@
 """Parameter checkpoints (Orbax): atomic save, restore with a clear missing/unexpected report,
-and a training resume that falls back past a broken step.
+one `save_model`/`load_model` for every model directory (params/ + config.json), and a
+training start in one order of precedence (`restore_or_init`: resume, else hand-off, else init).
 
 Orbax writes into a temporary directory and renames it on success, so a crash mid-save never
 leaves a half-written checkpoint behind under the final name (the temporary directory is removed
@@ -13,15 +14,16 @@ shards (`save_params`, the CheckpointManager); small files are written by proces
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from flax import nnx
 from jax.experimental import multihost_utils
 
 
@@ -77,8 +79,8 @@ def load_params(directory: str | os.PathLike, target: Any | None = None) -> Any:
       shapes and dtypes (and shardings, for sharded restores).
 
   Raises:
-    ValueError: listing every expected key the checkpoint lacks and every key it has that
-      the target does not expect, or a shape mismatch.
+    ValueError: listing every expected key the checkpoint lacks, every key it has that the
+      target does not expect, and every shape mismatch (`check_tree`).
   """
   directory = as_path(directory)
   # Leaves without a sharding of their own go to this process's first device, not to the
@@ -89,16 +91,68 @@ def load_params(directory: str | os.PathLike, target: Any | None = None) -> Any:
     stored = _metadata_tree(ckptr, directory)
     if target is None:
       target = stored
-    have, want = _flat_keys(stored), _flat_keys(target)
-    if have != want:
-      raise ValueError(
-          f"checkpoint {directory} does not match the model:\n"
-          f"  missing from checkpoint: {sorted(want - have)}\n"
-          f"  unexpected in checkpoint: {sorted(have - want)}")
+    check_tree(stored, target, f"checkpoint {directory} does not match the model")
     abstract = jax.tree.map(
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None
         else jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=local), target)
     return ckptr.restore(directory, abstract)
+
+
+def str_keys(tree: Any) -> Any:
+  """Nested dicts with every key a string: nnx pure dicts index layers by int, Orbax restores
+  every key as a string."""
+  if not isinstance(tree, Mapping):
+    return tree
+  return {str(k): str_keys(v) for k, v in tree.items()}
+
+
+def params_of(model: Any) -> dict[str, Any]:
+  """The nnx.Param arrays of a module as nested dicts with string keys (what `save_model`
+  writes)."""
+  return str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+  if hasattr(config, "to_dict"):
+    return config.to_dict()
+  return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+
+
+def save_model(directory: str | os.PathLike, config: Any, params: Any = None) -> None:
+  """Writes a model directory: `directory/params` (Orbax; must not exist yet) and
+  `directory/config.json`: what `load_model` reads.
+
+  Args:
+    directory: created if needed.
+    config: a dataclass (or dict) of the model's config; written sorted, indent 2.
+    params: an nnx.Module (its nnx.Param arrays), a pytree of arrays, or None for a
+      parameter-free model (only config.json is written).
+
+  On many processes every process calls it with the same global arrays (each writes its
+  shards); config.json, written after the parameters, comes from process 0, so a directory cut
+  short has none and `load_model` refuses it.
+  """
+  directory = as_path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  if params is not None:
+    save_params(directory / "params", params_of(params) if isinstance(params, nnx.Module)
+                else params)
+  if jax.process_index() == 0:
+    (directory / "config.json").write_text(
+        json.dumps(_config_dict(config), indent=2, sort_keys=True))
+
+
+def load_model(directory: str | os.PathLike, build: Callable[[], nnx.Module]) -> nnx.Module:
+  """The module `build()` makes (traced only: nothing is initialised) holding the parameters of
+  `directory/params` (written by `save_model`); its other variables keep their traced values.
+
+  Raises:
+    ValueError: the stored parameters do not fit the module (`check_tree`).
+  """
+  graphdef, params, rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+  params.replace_by_pure_dict(load_params(as_path(directory) / "params",
+                                          str_keys(nnx.to_pure_dict(params))))
+  return nnx.merge(graphdef, params, rest)
 
 
 # ---------------------------------------------------------------------------- resume
@@ -122,17 +176,30 @@ def _listed(items: list[str], limit: int = 8) -> str:
                                     else "]")
 
 
-def tree_mismatch(stored: Any, expected: Any) -> list[str]:
-  """What differs between a stored tree (Orbax metadata) and the expected one: missing and
-  unexpected leaves, shape mismatches; [] when they agree."""
+def tree_mismatch(stored: Any, expected: Any,
+                  allow_missing: Callable[[tuple[str, ...]], bool] | None = None) -> list[str]:
+  """What differs between a stored tree (Orbax metadata, arrays) and the expected one: one line
+  each for missing leaves (but those `allow_missing(path)` accepts), unexpected leaves and shape
+  mismatches, paths written 'a/b/c'; [] when they agree."""
   have, want = _shapes(stored), _shapes(expected)
-  missing = sorted(set(want) - set(have))
+  missing = sorted(k for k in set(want) - set(have)
+                   if allow_missing is None or not allow_missing(tuple(k.split("/"))))
   unexpected = sorted(set(have) - set(want))
   shapes = sorted(f"{k}: {have[k]} stored, {want[k]} expected" for k in set(have) & set(want)
                   if have[k] != want[k])
-  return ([f"missing {_listed(missing)}"] if missing else []) + (
-      [f"unexpected {_listed(unexpected)}"] if unexpected else []) + (
-      [f"shape mismatches {_listed(shapes)}"] if shapes else [])
+  return ([f"missing parameters: {_listed(missing)}"] if missing else []) + (
+      [f"unexpected parameters: {_listed(unexpected)}"] if unexpected else []) + (
+      [f"shape mismatches: {_listed(shapes)}"] if shapes else [])
+
+
+def check_tree(stored: Any, expected: Any, what: str, *,
+               allow_missing: Callable[[tuple[str, ...]], bool] | None = None,
+               also: list[str] | None = None) -> None:
+  """The one parameter-tree check (checkpoints, hand-offs, converted weights): ValueError
+  '`what`:' followed by `tree_mismatch`'s lines (and the caller's `also` lines) when any."""
+  problems = (also or []) + tree_mismatch(stored, expected, allow_missing)
+  if problems:
+    raise ValueError(f"{what}:\n  " + "\n  ".join(problems))
 
 
 def _move_aside(step_dir: epath.Path, aside_dir: epath.Path) -> str:
@@ -205,6 +272,123 @@ def restore_newest(mngr: ocp.CheckpointManager, args: ocp.args.Composite,
       logging.warning("%s", skipped[-1])
       mngr.reload()
   return None, None, skipped
+
+
+# ---------------------------------------------------------------------------- restore or init
+
+def manager(workdir: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
+  """A training run's CheckpointManager: `workdir/checkpoints/<step>/{params,opt_state,meta}`,
+  the newest `keep` kept, temporary directories of an interrupted save removed."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=int(keep), create=True,
+                                         cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(as_path(workdir) / "checkpoints", options=options,
+                               item_names=("params", "opt_state", "meta"))
+
+
+def save_step(mngr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
+              meta: dict[str, Any]) -> None:
+  """Saves one training step (pure dicts of global arrays; called on every process)."""
+  mngr.save(step, force=True, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+      meta=ocp.args.JsonSave(meta)))
+
+
+def params_dir(source: str | os.PathLike) -> epath.Path:
+  """The parameter checkpoint of a previous stage's workdir (its newest finished step) or of a
+  model directory (model/params or params, + config.json)."""
+  source = as_path(source)
+  ckpts = source / "checkpoints"
+  if ckpts.is_dir():
+    step = finished_step(source)
+    if step is None:
+      raise ValueError(f"config.init_from={source}: {ckpts} holds no finished checkpoint")
+    return ckpts / str(step) / "params"
+  for sub in ("model/params", "params"):
+    if (source / sub).is_dir():
+      return source / sub
+  raise ValueError(f"config.init_from={source}: neither a training workdir (checkpoints/) nor a "
+                   "model directory (params/ + config.json)")
+
+
+def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
+  return {tuple(_key_name(k) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _nested(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for path, leaf in flat.items():
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = leaf
+  return out
+
+
+def load_handoff(source: str | os.PathLike, abstract: Any,
+                 new_ok: Callable[[tuple[str, ...]], bool]) -> tuple[dict[str, Any], list[str]]:
+  """Parameters of a previous stage (`params_dir(source)`) restored onto `abstract` (nested
+  dicts of jax.ShapeDtypeStruct with shardings). Returns (the stored parameters as nested dicts,
+  'a/b/c' names of those the source lacks, which `new_ok` allowed: to be initialised fresh).
+
+  Raises:
+    ValueError: missing parameters `new_ok` does not allow, unexpected ones, shape mismatches.
+  """
+  directory = params_dir(source)
+  stored = _flat(stored_shapes(directory))
+  check_tree(_nested(stored), abstract,
+             f"config.init_from: {directory} does not fit this stage's model",
+             allow_missing=new_ok)
+  want = _flat(abstract)
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(directory, _nested({p: want[p] for p in stored}))
+  return restored, ["/".join(p) for p in want if p not in stored]
+
+
+@dataclasses.dataclass
+class Start:
+  """Where a training run starts: `step` 0 unless resumed; `items` {"params", "opt_state"}
+  (nested dicts of global arrays); `fresh` the parameter names a hand-off initialised;
+  `skipped` one line per damaged checkpoint moved aside."""
+  step: int
+  items: dict[str, Any]
+  resumed: bool
+  fresh: list[str]
+  skipped: list[str]
+
+
+def restore_or_init(mngr: ocp.CheckpointManager, abstract: Mapping[str, Any],
+                    init: Callable[[Any | None], dict[str, Any]], *,
+                    init_from: str | None = None,
+                    new_ok: Callable[[tuple[str, ...]], bool] = lambda path: False) -> Start:
+  """maxtext's order of precedence: resume the newest checkpoint of `mngr` that restores, else
+  load the parameters of `init_from` (a hand-off: parameters only), else initialise.
+
+  Args:
+    mngr: the run's CheckpointManager (`manager`).
+    abstract: {"params", "opt_state"}: nested dicts of jax.ShapeDtypeStruct with shardings.
+    init: init(None | stored params) -> {"params", "opt_state"}: a fresh optimizer state, the
+      parameters the stored ones do not give initialised.
+    init_from: a previous stage's workdir or a model directory (`params_dir`); None: init.
+    new_ok: which parameters a hand-off source may lack.
+  """
+  step, restored, skipped = restore_newest(
+      mngr, ocp.args.Composite(params=ocp.args.StandardRestore(abstract["params"]),
+                               opt_state=ocp.args.StandardRestore(abstract["opt_state"]),
+                               meta=ocp.args.JsonRestore()),
+      expected={"params": abstract["params"], "opt_state": abstract["opt_state"]},
+      aside_dir=as_path(mngr.directory).parent / "checkpoints_broken")
+  if step is not None:
+    logging.info("resumed from step %d of %s", step, mngr.directory)
+    items = {"params": restored["params"], "opt_state": restored["opt_state"]}
+    return Start(step, items, True, [], skipped)
+  if skipped:  # every checkpoint was damaged: start over rather than stop, and say so
+    logging.warning("no checkpoint of %s restores; starting from step 0", mngr.directory)
+  if not init_from:
+    return Start(0, init(None), False, [], skipped)
+  params, fresh = load_handoff(init_from, abstract["params"], new_ok)
+  logging.info("stage hand-off from %s; initialised fresh: %s", init_from, fresh)
+  return Start(0, init(params), False, fresh, skipped)
 
 
 def finished_step(workdir: str | os.PathLike) -> int | None:

@@ -36,6 +36,7 @@ import tqdm
 from absl import logging
 
 from configs.tomjerry_common import STAGES
+from ttt_jax import checkpoint
 
 
 def _stage_configs(config: ml_collections.ConfigDict) -> list[tuple[int, Any]]:
@@ -117,7 +118,6 @@ def build_text_encoder(config, workdir: str, datasets) -> tuple[str, str]:
   from ttt_jax.data import toy_toons  # pylint: disable=g-import-not-at-top
   from ttt_jax.data.tokenizer import StoryboardTokenizer, segment_text  # pylint: disable=g-import-not-at-top
   from ttt_jax.models.t5 import T5Config, T5Encoder  # pylint: disable=g-import-not-at-top
-  from ttt_jax.models.t5_convert import save_t5  # pylint: disable=g-import-not-at-top
 
   text_dir = os.path.join(workdir, "text")
   spm, t5_dir = os.path.join(text_dir, "spiece.model"), os.path.join(text_dir, "t5")
@@ -141,14 +141,13 @@ def build_text_encoder(config, workdir: str, datasets) -> tuple[str, str]:
                        d_kv=config.text.d_kv, d_ff=config.text.d_ff,
                        num_layers=config.text.num_layers, num_heads=config.text.num_heads,
                        relative_attention_num_buckets=8, relative_attention_max_distance=32)
-  save_t5(t5_dir, t5_config, T5Encoder(t5_config, rngs=nnx.Rngs(config.seed)))
+  checkpoint.save_model(t5_dir, t5_config, T5Encoder(t5_config, rngs=nnx.Rngs(config.seed)))
   return spm, t5_dir
 
 
 def build_autoencoder(config, workdir: str, datasets) -> str:
   """Fits the linear patch autoencoder (PCA) to training frames of the 3 s stage."""
   from ttt_jax.models import pixel_vae  # pylint: disable=g-import-not-at-top
-  from ttt_jax.models.vae_convert import save_pixel_vae  # pylint: disable=g-import-not-at-top
   vae_dir = os.path.join(workdir, "vae")
   if os.path.exists(os.path.join(vae_dir, "config.json")):
     return vae_dir
@@ -170,7 +169,7 @@ def build_autoencoder(config, workdir: str, datasets) -> str:
     scaled = dataclasses.replace(fitted, scaling_factor=1.0 / max(global_std, 1e-3))
   else:
     raise ValueError(f"config.vae.normalize={normalize!r}: expected 'channel' or 'global'")
-  save_pixel_vae(vae_dir, scaled)
+  checkpoint.save_model(vae_dir, scaled)
   return vae_dir
 
 

@@ -2,13 +2,15 @@
 
   python -m ttt_jax.train --config=configs/tomjerry_3s.py[:runlocal] --workdir=DIR \
       [--config.data.latents=LATENTS_DIR] [--config.init_from=PREVIOUS_WORKDIR]
-  python -m ttt_jax.train --config=configs/toy.py --workdir=DIR   # the whole toy pipeline
+  python -m ttt_jax.train --config=configs/toy.py --workdir=DIR   # the whole toy job
 
 Reads a dataset written by `python -m ttt_jax.data.precompute` (`config.data.latents`) with the
 deterministic loader (batch k depends only on the seed and k), and trains with the paper's recipe
 (../shared/PAPER.md, "Staged context extension"): v-prediction loss, 10% text dropout, AdamW with
 per-group learning rates (TTT/mixer and gates faster than the rest in stage 1) and frozen groups in
-later stages, global-norm clipping, bf16 compute with fp32 parameters and optimizer state.
+later stages, global-norm clipping, bf16 compute with fp32 parameters and optimizer state. The
+training state is the DiT and its `nnx.Optimizer`, whose `wrt` is an NNX filter of the trainable
+parameter groups (`group_of`); shardings come from `nnx.get_partition_spec` and the mesh rules.
 
 What lands in DIR:
   checkpoints/<step>/{params,opt_state,meta}  Orbax CheckpointManager: periodic + final, keep-N.
@@ -17,12 +19,15 @@ What lands in DIR:
   metrics.jsonl               one line per step: step, loss, grad_norm, lr.
   events.out.tfevents.*       TensorBoard (clu writers).
 
+Start (`checkpoint.restore_or_init`): resume the newest checkpoint, else hand off, else init.
 Stage hand-off: `config.init_from` names the previous stage's workdir (or a converted CogVideoX
 directory with params/ + config.json). Parameters only are loaded; mixer and gate parameters the
 source lacks are initialised fresh; any other missing parameter, an unexpected one or a shape
 mismatch stops with the full list. The optimizer starts fresh.
 
-A NaN or inf loss or gradient stops the run with the step number; the last good checkpoint stays.
+Metrics stay on the devices and are copied to the host every `train.log_every` steps and before
+each checkpoint (as big_vision does): a NaN or inf loss or gradient in that range stops the run
+with the step number, before a checkpoint of it is written; the last good checkpoint stays.
 
 Faults: the resume uses the newest checkpoint that restores; a damaged one is moved to
 `DIR/checkpoints_broken/` with a warning naming the step and the reason, and Orbax's temporary
@@ -47,24 +52,24 @@ import os
 import signal
 import threading
 import zlib
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from flax import nnx, traverse_util
+from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ttt_jax import checkpoint, cli, diffusion
+from ttt_jax.data import features
 from ttt_jax.data.loader import process_rows
 from ttt_jax.models.dit import DiT, DiTConfig
-from ttt_jax.models.dit_convert import is_new_param, save_dit
+from ttt_jax.models.dit_convert import is_new_param
 from ttt_jax.parallel import mesh as mesh_lib
 
 Path = tuple[str, ...]
@@ -88,23 +93,33 @@ def group_of(path: Path) -> str:
   return "rest"
 
 
-def _labels(flat: dict[Path, Any], train: ml_collections.ConfigDict) -> dict[Path, str]:
-  """Optimizer label per parameter: 'fast' (mixer_lr), 'slow' (lr) or 'frozen'."""
+def label_of(path: Path) -> str:
+  """The optimizer group of a trainable parameter: 'fast' (mixer_lr) or 'slow' (lr)."""
+  return "fast" if group_of(path) in ("mixer", "gates") else "slow"
+
+
+def in_group(group: str) -> nnx.filterlib.Filter:
+  """NNX filter: the parameters of one group."""
+  return nnx.All(nnx.Param, lambda path, _: group_of(tuple(map(str, path))) == group)
+
+
+def trainable_filter(train: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
+  """NNX filter of the parameters `train.trainable` names (groups of GROUPS, or 'all')."""
   trainable = tuple(train.trainable)
   unknown = set(trainable) - set(GROUPS) - {"all"}
   if unknown:
     raise ValueError(f"config.train.trainable has unknown group(s) {sorted(unknown)}; groups: "
                      f"{GROUPS} or 'all'")
-  labels = {}
-  for path in flat:
-    group = group_of(path)
-    if "all" not in trainable and group not in trainable:
-      labels[path] = "frozen"
-    else:
-      labels[path] = "fast" if group in ("mixer", "gates") else "slow"
-  if all(v == "frozen" for v in labels.values()):
-    raise ValueError(f"config.train.trainable={trainable} selects no parameter of this model")
-  return labels
+  return nnx.Any(*(in_group(g) for g in (GROUPS if "all" in trainable else trainable)))
+
+
+def _by_path(fn: Callable[[Path], Any], tree: Any) -> Any:
+  """fn(path) at every leaf of `tree`; the path holds the dict keys only (an nnx.Variable's
+  attribute level is not part of the parameter's name)."""
+  def names(keypath):
+    return tuple(str(getattr(k, "key", getattr(k, "idx", ""))) for k in keypath
+                 if isinstance(k, (jax.tree_util.DictKey, jax.tree_util.SequenceKey)))
+  return jax.tree_util.tree_map_with_path(lambda kp, _: fn(names(kp)), tree)
 
 
 def schedule_fn(train: ml_collections.ConfigDict, peak: float) -> optax.Schedule:
@@ -122,22 +137,18 @@ def schedule_fn(train: ml_collections.ConfigDict, peak: float) -> optax.Schedule
                    f"{train.schedule!r}")
 
 
-def make_optimizer(train: ml_collections.ConfigDict, trainable_paths: Iterable[Path],
-                   labels: dict[Path, str]) -> optax.GradientTransformation:
-  """Clip by global norm, then AdamW per label group, over the trainable parameters only."""
-  trainable_paths = list(trainable_paths)
-
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Clip by global norm, then AdamW per `label_of` group, over whatever parameters it is given
+  (`nnx.Optimizer`'s wrt filter picks the trainable ones)."""
   def adamw(peak):
-    decay_mask = lambda tree: traverse_util.unflatten_dict(
-        {p: p[-1] in _DECAYED for p in traverse_util.flatten_dict(tree)})
     return optax.adamw(schedule_fn(train, peak), b1=train.adam_b1, b2=train.adam_b2,
-                       weight_decay=train.weight_decay, mask=decay_mask)
+                       weight_decay=train.weight_decay,
+                       mask=lambda tree: _by_path(lambda p: p[-1] in _DECAYED, tree))
 
-  label_tree = traverse_util.unflatten_dict({p: labels[p] for p in trainable_paths})
   return optax.chain(
       optax.clip_by_global_norm(train.grad_clip),
       optax.multi_transform({"fast": adamw(train.mixer_lr), "slow": adamw(train.lr)},
-                            label_tree))
+                            lambda tree: _by_path(label_of, tree)))
 
 
 # ---------------------------------------------------------------------------- model and state
@@ -148,38 +159,65 @@ def dit_config(config: ml_collections.ConfigDict) -> DiTConfig:
 
 @dataclasses.dataclass
 class Setup:
-  """Everything the loop needs that does not change per step."""
+  """Everything the loop needs that does not change per step. The training state is the
+  nnx.State of (DiT, nnx.Optimizer): state[0] the model's parameters, state[1] the optimizer's
+  step and optax state over the trainable ones."""
   cfg: DiTConfig
-  graphdef: Any
-  rest: Any                       # non-parameter state of the model (empty for the DiT)
-  abstract: dict[Path, jax.ShapeDtypeStruct]  # every parameter, flat
-  shardings: dict[Path, NamedSharding]
-  labels: dict[Path, str]
+  graphdef: Any                   # of (model, optimizer)
+  abstract: nnx.State             # the state's jax.ShapeDtypeStructs, with their shardings
+  shardings: nnx.State            # NamedSharding per array
+  trainable: nnx.filterlib.Filter
   tx: optax.GradientTransformation
   mesh: jax.sharding.Mesh
 
-  def split(self, flat: dict[Path, Any]) -> tuple[dict, dict]:
-    """Flat params -> (trainable nested dict, frozen nested dict)."""
-    tr = {p: v for p, v in flat.items() if self.labels[p] != "frozen"}
-    fr = {p: v for p, v in flat.items() if self.labels[p] == "frozen"}
-    return traverse_util.unflatten_dict(tr), traverse_util.unflatten_dict(fr) if fr else {}
+  def create(self, seed: int, params: Any = None) -> tuple[DiT, nnx.Optimizer]:
+    """A fresh (model, optimizer); `params` (nested dicts, any subset) replace the initial
+    values of those parameters before the optimizer state is made."""
+    model = DiT(self.cfg, rngs=nnx.Rngs(seed))
+    if params:
+      state = nnx.state(model, nnx.Param)
+      state.replace_by_pure_dict(params)
+      nnx.update(model, state)
+    return model, nnx.Optimizer(model, self.tx, wrt=self.trainable)
+
+  def items(self, state: nnx.State) -> dict[str, Any]:
+    """The state as the checkpoint's items {"params", "opt_state"} (nested dicts)."""
+    pure = nnx.to_pure_dict(state)
+    return {"params": pure[0], "opt_state": pure[1]}
+
+  def state(self, items: dict[str, Any]) -> nnx.State:
+    """`items` back into the (model, optimizer) state."""
+    state = jax.tree.map(lambda x: x, self.abstract)  # new Variables: abstract stays as it is
+    nnx.replace_by_pure_dict(state, {0: items["params"], 1: items["opt_state"]})
+    return state
+
+  def init(self, seed: int, params: Any = None) -> dict[str, Any]:
+    """`create`'s state as items, made sharded (no full copy on one device); XLA drops the
+    initialisation of the parameters `params` gives."""
+    make = lambda params: nnx.state(self.create(seed, params))
+    return self.items(jax.jit(make, out_shardings=self.shardings, donate_argnums=0)(params))
 
 
 def build_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
-  cfg = dit_config(config)
-  abstract_model = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(config.seed)))
-  graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
-  shard_state = mesh_lib.state_shardings(params, mesh, _rules(config))
-  abstract = traverse_util.flatten_dict(params.to_pure_dict())
-  shardings = traverse_util.flatten_dict(shard_state.to_pure_dict())
-  labels = _labels(abstract, config.train)
+  cfg, trainable = dit_config(config), trainable_filter(config.train)
+  setup = Setup(cfg, None, None, None, trainable, make_optimizer(config.train), mesh)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: setup.create(config.seed)))
+  setup.graphdef, setup.shardings = graphdef, mesh_lib.state_shardings(abstract, mesh,
+                                                                        _rules(config))
+  setup.abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, setup.shardings)
+  if not jax.tree.leaves(nnx.state(abstract[0], trainable)):
+    raise ValueError(f"config.train.trainable={tuple(config.train.trainable)} selects no "
+                     "parameter of this model")
   # Printed so that a baseline's size can be compared with TTT-MLP's (configs/mixers.py).
-  mixer_params = sum(int(np.prod(a.shape)) for p, a in abstract.items() if group_of(p) == "mixer")
+  mixer_params = count_params(nnx.state(abstract[0], in_group("mixer")))
   logging.info("mixer %s: %d parameters, %d a layer", cfg.mixer, mixer_params,
                mixer_params // cfg.num_layers)
-  trainable = [p for p in abstract if labels[p] != "frozen"]
-  tx = make_optimizer(config.train, trainable, labels)
-  return Setup(cfg, graphdef, rest, abstract, shardings, labels, tx, mesh)
+  return setup
+
+
+def count_params(tree: Any) -> int:
+  return int(sum(np.prod(a.shape) for a in jax.tree.leaves(tree)))
 
 
 def mesh_from_config(config: ml_collections.ConfigDict,
@@ -195,44 +233,18 @@ def _rules(config):
   return tuple(tuple(r) for r in rules) if rules else mesh_lib.DEFAULT_RULES
 
 
-def init_params(setup: Setup, seed: int, paths: list[Path] | None = None
-                ) -> dict[Path, jax.Array]:
-  """Fresh parameters (all, or only `paths`: XLA drops the init of the others), created
-  sharded (no full copy on one device)."""
-  paths = list(setup.abstract) if paths is None else paths
-
-  def init():
-    model = DiT(setup.cfg, rngs=nnx.Rngs(seed))
-    flat = traverse_util.flatten_dict(nnx.state(model, nnx.Param).to_pure_dict())
-    return [flat[p] for p in paths]
-
-  out = jax.jit(init, out_shardings=[setup.shardings[p] for p in paths])()
-  return dict(zip(paths, out))
-
-
-def opt_shardings(setup: Setup, opt_abstract: Any) -> Any:
-  """Optimizer-state shardings: each per-parameter leaf like its parameter, the rest replicated."""
-  trainable, _ = setup.split({p: setup.shardings[p] for p in setup.abstract})
-  replicated = NamedSharding(setup.mesh, PartitionSpec())
-  masked = optax.transforms.MaskedNode
-  return optax.tree_map_params(
-      setup.tx, lambda leaf, s: leaf if isinstance(leaf, masked) else s, opt_abstract, trainable,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, (NamedSharding, masked)))
-
-
 # ---------------------------------------------------------------------------- the train step
 
 def make_train_step(config: ml_collections.ConfigDict, setup: Setup, null_text: np.ndarray,
-                    batch_shardings: dict[str, NamedSharding], opt_sh: Any):
-  """jit-compiled (params_trainable, params_frozen, opt_state, batch, step) -> (..., metrics)."""
+                    batch_shardings: dict[str, NamedSharding]):
+  """jit-compiled (state, batch, step) -> (state, metrics); state: `Setup`'s (model, optimizer)
+  nnx.State, donated; batch {"latents": [B, F, C, h, w], "text": [B, segments, L, D]}."""
   schedule = diffusion.make_schedule(**config.diffusion)
   train = config.train
   null = jnp.asarray(null_text, jnp.float32)
   weighting = train.get("loss_weighting", "snr_plus_one")
 
-  def loss_fn(trainable, frozen, batch, rng):
-    model = nnx.merge(setup.graphdef, _merge(trainable, frozen), setup.rest, copy=True)
+  def loss_fn(model, batch, rng):
     x0, text = batch["latents"], batch["text"]
     t_rng, n_rng, d_rng = jax.random.split(rng, 3)
     t = diffusion.sample_timesteps(t_rng, x0.shape[0], schedule)
@@ -250,82 +262,19 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, null_text: 
   stage_key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(config.stage.encode()))
   lr_fast = schedule_fn(train, train.mixer_lr)
   lr_slow = schedule_fn(train, train.lr)
+  grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, setup.trainable))
 
-  def step_fn(trainable, frozen, opt_state, batch, step):
-    rng = jax.random.fold_in(stage_key, step)
-    loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch, rng)
-    grad_norm = optax.global_norm(grads)
-    updates, opt_state = setup.tx.update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_slow(step),
+  def step_fn(state, batch, step):
+    model, optimizer = nnx.merge(setup.graphdef, state)
+    loss, grads = grad_fn(model, batch, jax.random.fold_in(stage_key, step))
+    optimizer.update(model, grads)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_slow(step),
                "lr_mixer": lr_fast(step)}
-    return trainable, opt_state, metrics
+    return nnx.state((model, optimizer)), metrics
 
-  tr_sh, fr_sh = setup.split({p: setup.shardings[p] for p in setup.abstract})
   replicated = NamedSharding(setup.mesh, PartitionSpec())
-  return jax.jit(
-      step_fn,
-      in_shardings=(tr_sh, fr_sh, opt_sh, batch_shardings, replicated),
-      out_shardings=(tr_sh, opt_sh, replicated),
-      donate_argnums=(0, 2))
-
-
-# ---------------------------------------------------------------------------- checkpoints
-
-def _checkpoint_manager(workdir: epath.Path, train: ml_collections.ConfigDict
-                        ) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=int(train.keep_checkpoints), create=True, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(workdir / "checkpoints", options=options,
-                               item_names=("params", "opt_state", "meta"))
-
-
-def _with_shardings(tree, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      tree, shardings)
-
-
-def _stored_params_dir(source: str) -> epath.Path:
-  """The parameter checkpoint of a previous stage's workdir or of a converted model dir."""
-  source = checkpoint.as_path(source)
-  ckpts = source / "checkpoints"
-  if ckpts.is_dir():
-    step = checkpoint.finished_step(source)
-    if step is None:
-      raise ValueError(f"config.init_from={source}: {ckpts} holds no finished checkpoint")
-    return ckpts / str(step) / "params"
-  for sub in ("model/params", "params"):
-    if (source / sub).is_dir():
-      return source / sub
-  raise ValueError(f"config.init_from={source}: neither a training workdir (checkpoints/) nor a "
-                   "model directory (params/ + config.json)")
-
-
-def load_handoff(setup: Setup, source: str, seed: int) -> tuple[dict[Path, jax.Array], list[str]]:
-  """Parameters from a previous stage; returns (flat params, names initialised fresh)."""
-  directory = _stored_params_dir(source)
-  stored = traverse_util.flatten_dict(checkpoint.stored_shapes(directory))
-  with ocp.StandardCheckpointer() as ckptr:
-    missing = sorted("/".join(p) for p in setup.abstract
-                     if p not in stored and not is_new_param(p))
-    unexpected = sorted("/".join(p) for p in stored if p not in setup.abstract)
-    mismatched = sorted(f"{'/'.join(p)}: {tuple(stored[p].shape)} stored, "
-                        f"{tuple(setup.abstract[p].shape)} expected"
-                        for p in stored if p in setup.abstract
-                        and tuple(stored[p].shape) != tuple(setup.abstract[p].shape))
-    if missing or unexpected or mismatched:
-      raise ValueError(
-          f"config.init_from: {directory} does not fit this stage's model:\n"
-          f"  missing parameters: {missing}\n  unexpected parameters: {unexpected}\n"
-          f"  shape mismatches: {mismatched}")
-    target = traverse_util.unflatten_dict({
-        p: jax.ShapeDtypeStruct(setup.abstract[p].shape, setup.abstract[p].dtype,
-                                sharding=setup.shardings[p]) for p in stored})
-    restored = traverse_util.flatten_dict(ckptr.restore(directory, target))
-  fresh = [p for p in setup.abstract if p not in restored]
-  if fresh:
-    restored.update(init_params(setup, seed, fresh))
-  return {p: restored[p] for p in setup.abstract}, ["/".join(p) for p in fresh]
+  return jax.jit(step_fn, in_shardings=(setup.shardings, batch_shardings, replicated),
+                 out_shardings=(setup.shardings, replicated), donate_argnums=0)
 
 
 def _barrier(name: str) -> None:
@@ -333,22 +282,21 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def export_model(directory: str | os.PathLike, cfg: DiTConfig,
-                 params: dict[Path, jax.Array]) -> None:
+def export_model(directory: str | os.PathLike, cfg: DiTConfig, params: Any) -> None:
   """Writes `directory/params` + `config.json` (what `load_dit` reads), replacing a previous one.
-  Called on every process with the same global arrays: Orbax writes each process's shards and
-  commits the checkpoint once. config.json is written last, by process 0, so an export cut short
-  has none and `load_dit` (and `launch/stages.sh`) refuse it. No directory rename: a gs://
-  "directory" cannot be renamed atomically."""
+  Called on every process with the same global arrays (nested dicts): Orbax writes each
+  process's shards and commits the checkpoint once. config.json is written last, by process 0,
+  so an export cut short has none and `load_dit` (and `launch/stages.sh`) refuse it. No
+  directory rename: a gs:// "directory" cannot be renamed atomically."""
   directory = checkpoint.as_path(directory)
   if jax.process_index() == 0 and directory.exists():
     directory.rmtree()
   _barrier(f"export {directory}: old removed")
-  save_dit(directory, cfg, traverse_util.unflatten_dict(params))
+  checkpoint.save_model(directory, cfg, params)
   _barrier(f"export {directory}: written")
 
 
-# ---------------------------------------------------------------------------- the loop
+# ---------------------------------------------------------------------------- the batches
 
 _BATCH_AXES = {"latents": ("batch",) + (None,) * 4, "text": ("batch",) + (None,) * 3}
 
@@ -368,15 +316,10 @@ def batch_shardings(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   return shardings, rows["latents"]
 
 
-def global_batch(loader: Any, step: int, batch_size: int, shardings: dict[str, NamedSharding],
-                 rows: np.ndarray, check: Callable[[dict], None] | None = None
-                 ) -> dict[str, jax.Array]:
-  """The global batch at `step` built from this process's `rows` of it
-  (`loader.batch(step, rows)`): {"latents": [B, F, C, h, w], "text": [B, segments, L, D]} jax
-  Arrays with `shardings`, B = batch_size. `check(local)` sees the rows read, first."""
-  local = loader.batch(step, rows)
-  if check is not None:
-    check(local)
+def to_global(local: dict[str, Any], step: int, batch_size: int,
+              shardings: dict[str, NamedSharding], rows: np.ndarray) -> dict[str, jax.Array]:
+  """This process's `rows` of the global batch at `step` ([R, ...] each) -> the global batch:
+  {"latents": [B, F, C, h, w], "text": [B, segments, L, D]} jax Arrays with `shardings`."""
   out = {}
   for k, sharding in shardings.items():
     value = np.asarray(local[k])
@@ -389,9 +332,24 @@ def global_batch(loader: Any, step: int, batch_size: int, shardings: dict[str, N
   return out
 
 
+def global_batch(loader: Any, step: int, batch_size: int, shardings: dict[str, NamedSharding],
+                 rows: np.ndarray) -> dict[str, jax.Array]:
+  """The global batch at `step` built from this process's `rows` of it (`loader.batch`)."""
+  return to_global(loader.batch(step, rows), step, batch_size, shardings, rows)
+
+
+def _local_batches(loader: Any, start: int, stop: int, rows: np.ndarray
+                   ) -> Iterator[tuple[int, dict[str, Any]]]:
+  """(step, this process's rows of its batch) for start <= step < stop: `loader.iterate` (which
+  reads ahead in a background thread) when it has one, else `loader.batch` step by step."""
+  if hasattr(loader, "iterate"):
+    return loader.iterate(start, stop - start, rows)
+  return ((step, loader.batch(step, rows)) for step in range(start, stop))
+
+
 def _check_batch_shapes(config, batch, patch_size: int):
   c = config
-  f = 1 + 12 * c.segments
+  f = features.latent_frames(c.segments)
   lat, text = batch["latents"], batch["text"]
   if lat.shape[1] != f or lat.shape[2] != c.model.in_channels:
     raise ValueError(f"dataset latents {lat.shape[1:]} (frames, channels, h, w) do not match the "
@@ -405,6 +363,8 @@ def _check_batch_shapes(config, batch, patch_size: int):
                      f"match the config: {c.segments} segments, text_embed_dim "
                      f"{c.model.text_embed_dim}")
 
+
+# ---------------------------------------------------------------------------- the loop
 
 @contextlib.contextmanager
 def _jsonl_log(path: epath.Path, first_step: int):
@@ -469,18 +429,22 @@ def _remove_run_files(workdir: epath.Path, before: set[str] | None) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, loader: Any = None,
           mesh: jax.sharding.Mesh | None = None,
-          on_step: Callable[[int, int, dict[str, float]], None] | None = None
-          ) -> dict[str, Any]:
+          on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+          hooks: Sequence[Callable[[int], Any]] = ()) -> dict[str, Any]:
   """Runs (or resumes) one stage. Returns a summary dict (final step, last loss, paths).
 
   Args:
     config: a stage config (configs/tomjerry_*.py).
     workdir: output directory; an existing one with checkpoints is resumed.
     loader: anything with `batch(step, rows) -> {"latents", "text"}` (rows: the global-batch
-      rows this process's devices hold, int64 [R]; the arrays [R, ...]) and `null_text` [L, D];
+      rows this process's devices hold, int64 [R]; the arrays [R, ...]) and `null_text` [L, D],
+      and optionally `iterate(start, num_steps, rows)` yielding (step, batch) (read ahead);
       default: a `LatentLoader` over config.data.latents.
     mesh: default: config.mesh (all devices on the data axis).
-    on_step: called as on_step(step, total_steps, metrics) after each step (a progress bar).
+    on_step: called as on_step(step, total_steps, metrics) for each step when its metrics reach
+      the host (every train.log_every steps; a progress bar).
+    hooks: each called as hook(step) after each step and its checkpoint (the resume tests
+      install their fault injection here).
 
   Raises:
     FloatingPointError: non-finite loss or gradient (names the step and the last good checkpoint).
@@ -494,7 +458,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, loader: Any = None
   progress = {"resumed": False, "steps_done": 0}
   try:
     with _sigterm_received() as sigterm:
-      return _train(config, workdir, loader, mesh, sigterm, progress, on_step)
+      return _train(config, workdir, loader, mesh, sigterm, progress, on_step, hooks)
   except cli.Preempted:
     raise
   except BaseException:
@@ -504,11 +468,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, loader: Any = None
 
 
 def _train(config: ml_collections.ConfigDict, workdir: epath.Path, loader: Any,
-           mesh: jax.sharding.Mesh | None, sigterm: list[int],
-           progress: dict[str, Any], on_step=None) -> dict[str, Any]:
+           mesh: jax.sharding.Mesh | None, sigterm: list[int], progress: dict[str, Any],
+           on_step, hooks) -> dict[str, Any]:
   """`train`'s body; records in `progress` whether it resumed and how many steps it finished."""
   workdir.mkdir(parents=True, exist_ok=True)
-  train_cfg = config.train
   if mesh is None:
     mesh = mesh_from_config(config)
   if loader is None:
@@ -516,136 +479,139 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, loader: Any,
     if not config.data.latents:
       raise ValueError("config.data.latents is empty: point it at a `python -m "
                        "ttt_jax.data.precompute` output")
-    loader = LatentLoader(config.data.latents, batch_size=train_cfg.batch_size, seed=config.seed)
-
+    loader = LatentLoader(config.data.latents, batch_size=config.train.batch_size,
+                          seed=config.seed)
   setup = build_setup(config, mesh)
-  batch_sh, rows = batch_shardings(config, mesh)
-  total_batch = int(train_cfg.batch_size)
-
-  tr_abs, _ = setup.split(setup.abstract)
-  opt_abs = jax.eval_shape(setup.tx.init, tr_abs)
-  opt_sh = opt_shardings(setup, opt_abs)
-  step_fn = make_train_step(config, setup, loader.null_text, batch_sh, opt_sh)
-
-  from ttt_jax.writers import metric_writers, parameter_overview, periodic_actions  # pylint: disable=g-import-not-at-top
+  from ttt_jax.writers import metric_writers  # pylint: disable=g-import-not-at-top
   writer = metric_writers.create_default_writer(os.fspath(workdir),
                                                 just_logging=jax.process_index() > 0)
-  mngr = _checkpoint_manager(workdir, train_cfg)
+  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
   log = contextlib.ExitStack()
   try:
-    params_abs = traverse_util.unflatten_dict(setup.abstract)
-    start, restored, skipped = checkpoint.restore_newest(
-        mngr, ocp.args.Composite(
-            params=ocp.args.StandardRestore(_with_shardings(
-                params_abs, traverse_util.unflatten_dict(setup.shardings))),
-            opt_state=ocp.args.StandardRestore(_with_shardings(opt_abs, opt_sh)),
-            meta=ocp.args.JsonRestore()),
-        expected={"params": params_abs, "opt_state": opt_abs},
-        aside_dir=workdir / "checkpoints_broken")
-    if start is not None:
-      progress["resumed"] = True
-      params = traverse_util.flatten_dict(restored["params"])
-      opt_state = restored["opt_state"]
-      logging.info("resumed from step %d of %s", start, mngr.directory)
-      fresh = []
-    else:
-      if skipped:  # every checkpoint was damaged: start over rather than stop, and say so
-        logging.warning("no checkpoint of %s restores; starting from step 0", mngr.directory)
-      start = 0
-      if config.get("init_from"):
-        params, fresh = load_handoff(setup, config.init_from, config.seed)
-        logging.info("stage hand-off from %s; initialised fresh: %s", config.init_from, fresh)
-      else:
-        params, fresh = init_params(setup, config.seed), []
-      trainable, _ = setup.split(params)
-      opt_state = jax.jit(setup.tx.init, out_shardings=opt_sh)(trainable)
-      if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-      # Statistics of arrays spread over hosts are computed on the devices ("global"), by every
-      # process; the plain form fetches each whole array to the host.
-      parameter_overview.log_parameter_overview(
-          traverse_util.unflatten_dict(params), jax_logging_process=0,
-          include_stats="global" if jax.process_count() > 1 else True)
-      writer.write_hparams({"stage": config.stage, "steps": int(train_cfg.steps),
-                            "batch_size": int(train_cfg.batch_size), "lr": float(train_cfg.lr),
-                            "mixer_lr": float(train_cfg.mixer_lr)})
-
-    write_jsonl = log.enter_context(_jsonl_log(workdir / "metrics.jsonl", start))
-    trainable, frozen = setup.split(params)
-    del params
-    total = int(train_cfg.steps)
-    hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                             every_steps=int(train_cfg.log_every))]
-    if train_cfg.get("profile_steps", 0) and jax.process_index() == 0:
-      hooks.append(periodic_actions.Profile(logdir=os.fspath(workdir),
-                                            num_profile_steps=int(train_cfg.profile_steps)))
-    # Fault injection for the resume tests: send this process a signal after a step.
-    kill_at = int(os.environ.get("TTT_JAX_FAULT_KILL_AT_STEP", "0"))
-    kill_with = getattr(signal, os.environ.get("TTT_JAX_FAULT_SIGNAL", "SIGKILL"))
-    multi_host = jax.process_count() > 1
-
-    def save(done):
-      mngr.save(done, force=True, args=ocp.args.Composite(
-          params=ocp.args.StandardSave(_merge(trainable, frozen)),
-          opt_state=ocp.args.StandardSave(opt_state),
-          meta=ocp.args.JsonSave({"step": done, "stage": config.stage,
-                                  "initialised_fresh": fresh})))
-
-    last = {}
-    for step in range(start, total):
-      batch = global_batch(loader, step, total_batch, batch_sh, rows,
-                           check=(lambda local: _check_batch_shapes(
-                               config, local, setup.cfg.patch_size)) if step == start else None)
-      trainable, opt_state, metrics = step_fn(trainable, frozen, opt_state, batch,
-                                              jnp.asarray(step, jnp.int32))
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      done = step + 1
-      if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-        mngr.wait_until_finished()
-        good = mngr.latest_step()
-        raise FloatingPointError(
-            f"step {done}: non-finite loss {metrics['loss']} or gradient norm "
-            f"{metrics['grad_norm']}; stopped. Last good checkpoint: "
-            f"{'none' if good is None else f'step {good}'} in {mngr.directory}")
-      last = {"step": done, **metrics}
-      progress["steps_done"] += 1
-      write_jsonl(last)
-      if done % int(train_cfg.log_every) == 0 or done == total:
-        writer.write_scalars(done, metrics)
-      for hook in hooks:
-        hook(done)
-      if on_step is not None:
-        on_step(done, total, metrics)
-      saved = done % int(train_cfg.checkpoint_every) == 0 or done == total
-      if saved:
-        save(done)
-      if kill_at and done == kill_at:
-        os.kill(os.getpid(), kill_with)
-      if done < total and (sigterm or (multi_host and mngr.reached_preemption(done))):
-        if not saved:
-          save(done)
-        mngr.wait_until_finished()
-        writer.flush()
-        raise cli.Preempted(done, str(epath.Path(mngr.directory) / str(done)),
-                            "SIGTERM" if sigterm else "a preemption notice")
+    start = checkpoint.restore_or_init(
+        mngr, setup.items(setup.abstract), lambda params: setup.init(config.seed, params),
+        init_from=config.get("init_from"), new_ok=is_new_param)
+    progress["resumed"] = start.resumed
+    if not start.resumed:
+      _record_start(config, workdir, writer, start.items["params"])
+    write_jsonl = log.enter_context(_jsonl_log(workdir / "metrics.jsonl", start.step))
+    metrics = _Metrics(write_jsonl, writer, config.train, mngr, progress, on_step)
+    state = _loop(config, setup, loader, setup.state(start.items), start, mngr, writer, metrics,
+                  sigterm, hooks)
     mngr.wait_until_finished()
-    export_model(workdir / "model", setup.cfg, traverse_util.flatten_dict(
-        _merge(trainable, frozen)))
+    export_model(workdir / "model", setup.cfg, setup.items(state)["params"])
     writer.flush()
-    return {"stage": config.stage, "step": total, "workdir": str(workdir),
-            "model": str(workdir / "model"), "last": last, "initialised_fresh": fresh,
-            "skipped_checkpoints": skipped}
+    return {"stage": config.stage, "step": int(config.train.steps), "workdir": str(workdir),
+            "model": str(workdir / "model"), "last": metrics.last,
+            "initialised_fresh": start.fresh, "skipped_checkpoints": start.skipped}
   finally:
     log.close()
     mngr.close()
     writer.close()
 
 
-def _merge(trainable: dict, frozen: dict) -> dict:
-  flat = traverse_util.flatten_dict(trainable)
-  if frozen:
-    flat.update(traverse_util.flatten_dict(frozen))
-  return traverse_util.unflatten_dict(flat)
+def _record_start(config: ml_collections.ConfigDict, workdir: epath.Path, writer: Any,
+                  params: Any) -> None:
+  """A fresh run's config.json, parameter overview and hyperparameters."""
+  from ttt_jax.writers import parameter_overview  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  # Statistics of arrays spread over hosts are computed on the devices ("global"), by every
+  # process; the plain form fetches each whole array to the host.
+  parameter_overview.log_parameter_overview(
+      params, jax_logging_process=0,
+      include_stats="global" if jax.process_count() > 1 else True)
+  t = config.train
+  writer.write_hparams({"stage": config.stage, "steps": int(t.steps),
+                        "batch_size": int(t.batch_size), "lr": float(t.lr),
+                        "mixer_lr": float(t.mixer_lr)})
+
+
+class _Metrics:
+  """Each step's metrics stay on the devices until `flush` copies the steps since the last one
+  to the host at once (as big_vision does: no host sync per step), checks them for NaN and inf,
+  and writes them: metrics.jsonl (every step), the clu writer (every log_every steps, the last)
+  and on_step."""
+
+  def __init__(self, write_jsonl, writer, train: ml_collections.ConfigDict, mngr,
+               progress: dict[str, Any], on_step):
+    self.write_jsonl, self.writer, self.mngr = write_jsonl, writer, mngr
+    self.log_every, self.total = int(train.log_every), int(train.steps)
+    self.progress, self.on_step = progress, on_step
+    self.pending: list[tuple[int, dict[str, jax.Array]]] = []
+    self.last: dict[str, float] = {}
+
+  def add(self, done: int, metrics: dict[str, jax.Array]) -> None:
+    self.pending.append((done, metrics))
+    if done % self.log_every == 0 or done == self.total:
+      self.flush()
+
+  def flush(self) -> None:
+    """Raises FloatingPointError at the first step whose loss or gradient norm is not finite."""
+    steps, self.pending = self.pending, []
+    for (done, _), values in zip(steps, jax.device_get([m for _, m in steps])):
+      values = {k: float(v) for k, v in values.items()}
+      if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
+        self.mngr.wait_until_finished()
+        good = self.mngr.latest_step()
+        raise FloatingPointError(
+            f"step {done}: non-finite loss {values['loss']} or gradient norm "
+            f"{values['grad_norm']}; stopped. Last good checkpoint: "
+            f"{'none' if good is None else f'step {good}'} in {self.mngr.directory}")
+      self.last = {"step": done, **values}
+      self.progress["steps_done"] += 1
+      self.write_jsonl(self.last)
+      if done % self.log_every == 0 or done == self.total:
+        self.writer.write_scalars(done, values)
+      if self.on_step is not None:
+        self.on_step(done, self.total, values)
+
+
+def _loop(config: ml_collections.ConfigDict, setup: Setup, loader: Any, state: nnx.State,
+          start: checkpoint.Start, mngr, writer, metrics: _Metrics, sigterm: list[int],
+          hooks: Sequence[Callable[[int], Any]]) -> nnx.State:
+  """Steps start.step .. train.steps: the batch (read ahead), the step, its metrics, the
+  periodic checkpoint, the hooks; a checkpoint and `cli.Preempted` on SIGTERM. Returns the
+  final state."""
+  from ttt_jax.writers import periodic_actions  # pylint: disable=g-import-not-at-top
+  train_cfg, total = config.train, int(config.train.steps)
+  batch_sh, rows = batch_shardings(config, setup.mesh)
+  step_fn = make_train_step(config, setup, loader.null_text, batch_sh)
+  progress = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                              every_steps=int(train_cfg.log_every))]
+  if train_cfg.get("profile_steps", 0) and jax.process_index() == 0:
+    progress.append(periodic_actions.Profile(logdir=os.fspath(checkpoint.as_path(
+        mngr.directory).parent), num_profile_steps=int(train_cfg.profile_steps)))
+  multi_host = jax.process_count() > 1
+
+  def save(done):
+    metrics.flush()  # a step whose loss is not finite gets no checkpoint
+    checkpoint.save_step(mngr, done, **setup.items(state), meta={
+        "step": done, "stage": config.stage, "initialised_fresh": start.fresh})
+
+  for step, local in _local_batches(loader, start.step, total, rows):
+    if step == start.step:
+      _check_batch_shapes(config, local, setup.cfg.patch_size)
+    batch = to_global(local, step, int(train_cfg.batch_size), batch_sh, rows)
+    state, step_metrics = step_fn(state, batch, jnp.asarray(step, jnp.int32))
+    done = step + 1
+    metrics.add(done, step_metrics)
+    for action in progress:
+      action(done)
+    saved = done % int(train_cfg.checkpoint_every) == 0 or done == total
+    if saved:
+      save(done)
+    for hook in hooks:
+      hook(done)
+    if done < total and (sigterm or (multi_host and mngr.reached_preemption(done))):
+      if not saved:
+        save(done)
+      mngr.wait_until_finished()
+      writer.flush()
+      raise cli.Preempted(done, str(epath.Path(mngr.directory) / str(done)),
+                          "SIGTERM" if sigterm else "a preemption notice")
+  metrics.flush()
+  return state
 
 
 def main(argv):

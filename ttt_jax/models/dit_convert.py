@@ -8,7 +8,6 @@ their gates α, β) are initialised as `DiT(cfg, rngs=nnx.Rngs(seed))` would.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -107,7 +106,7 @@ def convert_params(cfg: DiTConfig, state: dict[str, np.ndarray], *, seed: int = 
   abstract = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(seed), mixer_factory=mixer_factory))
   want = traverse_util.flatten_dict(nnx.state(abstract, nnx.Param).to_pure_dict())
   found: dict[Path, Any] = {}
-  unknown, bad_shape = [], []
+  unknown = []
   for key, value in state.items():
     target = _target(key)
     if target is None:
@@ -123,20 +122,20 @@ def convert_params(cfg: DiTConfig, state: dict[str, np.ndarray], *, seed: int = 
       found[path] = value
     else:
       found.setdefault(path, {})[layer] = value
+  bad_layers = []
   for path, value in list(found.items()):
     if isinstance(value, dict):  # stack the layers
       layers = [value.get(i) for i in range(cfg.num_layers)]
       if any(v is None for v in layers) or len(value) != cfg.num_layers:
-        bad_shape.append(f"{'/'.join(path)}: layers {sorted(value)} of {cfg.num_layers}")
+        bad_layers.append(f"{'/'.join(path)}: layers {sorted(value)} of {cfg.num_layers}")
+        del found[path]
         continue
       found[path] = np.stack(layers)
-    if found[path].shape != want[path].shape:
-      bad_shape.append(f"{'/'.join(path)}: {found[path].shape} vs {want[path].shape}")
-  missing = sorted("/".join(p) for p in want if p not in found and not is_new_param(p))
-  if unknown or missing or bad_shape:
-    raise ValueError("CogVideoX weights do not match the model config:\n"
-                     f"  unknown keys: {sorted(unknown)}\n  missing parameters: {missing}\n"
-                     f"  shape mismatches: {bad_shape}")
+  checkpoint.check_tree(
+      traverse_util.unflatten_dict(found), traverse_util.unflatten_dict(want),
+      "CogVideoX weights do not match the model config", allow_missing=is_new_param,
+      also=([f"unknown keys: {sorted(unknown)}"] if unknown else [])
+      + ([f"incomplete layers: {bad_layers}"] if bad_layers else []))
 
   new_paths = [p for p in want if is_new_param(p)]
 
@@ -168,19 +167,9 @@ def convert_cogvideox(src: str, dst: str, *, seed: int = 0,
   """
   config, state = read_diffusers(src)
   cfg = DiTConfig.from_diffusers(config, **overrides)
-  save_dit(dst, cfg, convert_params(cfg, state, seed=seed, mixer_factory=mixer_factory))
+  checkpoint.save_model(dst, cfg, convert_params(cfg, state, seed=seed,
+                                                 mixer_factory=mixer_factory))
   return cfg
-
-
-def save_dit(dst: str | os.PathLike, cfg: DiTConfig, params: dict[str, Any]) -> None:
-  """Writes `dst/params` (Orbax; must not exist) + `dst/config.json`: what `load_dit` reads.
-  On many processes every process calls it with the same global arrays (each writes its shards);
-  config.json, written after the parameters, comes from process 0."""
-  dst = checkpoint.as_path(dst)
-  dst.mkdir(parents=True, exist_ok=True)
-  checkpoint.save_params(dst / "params", params)
-  if jax.process_index() == 0:
-    (dst / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
 
 
 def load_dit(directory: str, *, mixer_factory: MixerFactory = default_mixer_factory,
@@ -198,8 +187,5 @@ def load_dit(directory: str, *, mixer_factory: MixerFactory = default_mixer_fact
     raise ValueError(f"{path}: not a DiT config (unknown fields {extra}); expected what "
                      "python -m ttt_jax.convert or a training run's model/ writes")
   cfg = DiTConfig.from_dict({**stored, **overrides})
-  abstract = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0), mixer_factory=mixer_factory))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  restored = checkpoint.load_params(os.path.join(directory, "params"), params.to_pure_dict())
-  params.replace_by_pure_dict(restored)
-  return nnx.merge(graphdef, params, rest)
+  return checkpoint.load_model(
+      directory, lambda: DiT(cfg, rngs=nnx.Rngs(0), mixer_factory=mixer_factory))

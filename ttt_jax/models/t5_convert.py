@@ -13,12 +13,9 @@ A converted directory holds `config.json` (the T5Config fields, readable by `T5C
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -91,32 +88,20 @@ def hf_to_params(config: T5Config, tensors: dict[str, Any],
   return params
 
 
-def _str_keys(tree: Params) -> Params:
-  """nnx pure dicts index layers by int; Orbax restores every key as a string."""
-  return {str(k): _str_keys(v) if isinstance(v, dict) else v for k, v in tree.items()}
-
-
 def _abstract_encoder(config: T5Config, dtype: Any, param_dtype: Any):
   """(graphdef, abstract state, string-keyed pure dict of ShapeDtypeStruct): nothing allocated."""
   model = nnx.eval_shape(lambda: T5Encoder(config, dtype=dtype, param_dtype=param_dtype,
                                            rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
-  return graphdef, state, _str_keys(nnx.to_pure_dict(state))
+  return graphdef, state, checkpoint.str_keys(nnx.to_pure_dict(state))
 
 
 def params_to_model(config: T5Config, params: Params, *, dtype: Any = jnp.float32,
                     param_dtype: Any = jnp.float32) -> T5Encoder:
   """Builds a `T5Encoder` holding `params` (a pure dict, int or string layer keys)."""
   graphdef, state, abstract = _abstract_encoder(config, dtype, param_dtype)
-  want = {jax.tree_util.keystr(p): v.shape
-          for p, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-  have = {jax.tree_util.keystr(p): np.shape(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(_str_keys(params))[0]}
-  wrong = {k: (have.get(k), want.get(k)) for k in want.keys() | have.keys()
-           if have.get(k) != want.get(k)}
-  if wrong:
-    raise ValueError("params do not fit the T5 config; (have, want) shapes: "
-                     f"{dict(sorted(wrong.items()))}")
+  checkpoint.check_tree(checkpoint.str_keys(params), abstract,
+                        "params do not fit the T5 config")
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
 
@@ -131,29 +116,16 @@ def load_hf_t5_encoder(src_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
   return config, params_to_model(config, params, dtype=dtype, param_dtype=param_dtype)
 
 
-def save_t5(dst_dir: str | os.PathLike, config: T5Config, model: T5Encoder) -> None:
-  """Writes `dst_dir/config.json` and Orbax `dst_dir/params` (must not exist yet): what `load_t5`
-  reads. `config` must describe `model` (after `extend_embeddings`, pass `model.config`)."""
-  dst_dir = os.fspath(dst_dir)
-  os.makedirs(dst_dir, exist_ok=True)
-  checkpoint.save_params(os.path.join(dst_dir, "params"),
-                         _str_keys(nnx.to_pure_dict(nnx.state(model))))
-  with open(os.path.join(dst_dir, "config.json"), "w") as f:
-    json.dump(dataclasses.asdict(config), f, indent=2)
-
-
 def convert_t5(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *,
                param_dtype: Any = jnp.float32) -> None:
   """transformers T5 encoder directory -> `dst_dir/config.json` + Orbax `dst_dir/params`."""
-  save_t5(dst_dir, *load_hf_t5_encoder(src_dir, param_dtype=param_dtype))
+  checkpoint.save_model(dst_dir, *load_hf_t5_encoder(src_dir, param_dtype=param_dtype))
 
 
 def load_t5(ckpt_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
             param_dtype: Any = jnp.float32) -> tuple[T5Config, T5Encoder]:
-  """Reads a directory written by `save_t5` (or `convert_t5`)."""
+  """Reads a directory written by `checkpoint.save_model` (or `convert_t5`)."""
   ckpt_dir = os.fspath(ckpt_dir)
   config = T5Config.from_hf(checkpoint.read_json(os.path.join(ckpt_dir, "config.json")))
-  graphdef, state, abstract = _abstract_encoder(config, dtype, param_dtype)
-  nnx.replace_by_pure_dict(state, checkpoint.load_params(os.path.join(ckpt_dir, "params"),
-                                                         abstract))
-  return config, nnx.merge(graphdef, state)
+  return config, checkpoint.load_model(ckpt_dir, lambda: T5Encoder(
+      config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))

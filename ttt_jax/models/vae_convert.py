@@ -7,14 +7,11 @@ No torch is needed: tensors are read with `safetensors_io` (bf16 files load too)
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, traverse_util
+from flax import nnx
 
 from ttt_jax import checkpoint
 from ttt_jax.models import pixel_vae
@@ -68,44 +65,17 @@ def load_diffusers_vae(src_dir: str | os.PathLike) -> tuple[VAEConfig, CogVideoX
   return config, nnx.merge(graphdef, nnx.from_flat_state(values))
 
 
-def _params_tree(state: nnx.State) -> dict:
-  """Parameters as nested dicts with string keys: Orbax would store list indices as strings."""
-  flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
-  return traverse_util.unflatten_dict({tuple(map(str, k)): v for k, v in flat.items()})
-
-
-def save_vae(dst_dir: str | os.PathLike, config: VAEConfig, model: CogVideoXVAE) -> None:
-  """Writes `dst_dir`/params (an Orbax checkpoint of the parameters; must not exist yet) and
-  `dst_dir`/config.json: what `load_converted_vae` reads."""
-  os.makedirs(dst_dir, exist_ok=True)
-  checkpoint.save_params(os.path.join(dst_dir, "params"),
-                         _params_tree(nnx.state(model, nnx.Param)))
-  with open(os.path.join(dst_dir, "config.json"), "w") as f:
-    json.dump(dataclasses.asdict(config), f, indent=2)
-
-
-def save_pixel_vae(dst_dir: str | os.PathLike, config: pixel_vae.PixelVAEConfig) -> None:
-  """Writes `dst_dir`/config.json for the parameter-free toy autoencoder (see pixel_vae.py)."""
-  os.makedirs(dst_dir, exist_ok=True)
-  with open(os.path.join(dst_dir, "config.json"), "w") as f:
-    json.dump(dataclasses.asdict(config), f, indent=2)
-
-
 def convert_vae(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> None:
-  """diffusers VAE folder -> `dst_dir`/params + `dst_dir`/config.json (see `save_vae`)."""
-  save_vae(dst_dir, *load_diffusers_vae(src_dir))
+  """diffusers VAE folder -> `dst_dir`/params + `dst_dir`/config.json (`checkpoint.save_model`)."""
+  checkpoint.save_model(dst_dir, *load_diffusers_vae(src_dir))
 
 
 def load_converted_vae(ckpt_dir: str | os.PathLike) -> tuple[VAEConfig, CogVideoXVAE]:
-  """Reads what `save_vae` (or `save_pixel_vae`) wrote; a missing or unexpected parameter
-  raises ValueError."""
+  """Reads what `checkpoint.save_model` wrote for a CogVideoX VAE or the parameter-free pixel
+  autoencoder; a missing or unexpected parameter raises ValueError."""
   raw = checkpoint.read_json(os.path.join(ckpt_dir, "config.json"))
   if raw.get("kind") == pixel_vae.KIND:  # parameter-free: nothing else to read
     config = pixel_vae.PixelVAEConfig.from_dict(raw)
     return config, pixel_vae.PixelVAE(config)
   config = VAEConfig.from_dict(raw)
-  graphdef, abstract = _abstract_model(config)
-  target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), _params_tree(abstract))
-  nnx.replace_by_pure_dict(
-      abstract, checkpoint.load_params(os.path.join(ckpt_dir, "params"), target))
-  return config, nnx.merge(graphdef, abstract)
+  return config, checkpoint.load_model(ckpt_dir, lambda: CogVideoXVAE(config, rngs=nnx.Rngs(0)))

@@ -115,17 +115,19 @@ def logical_to_spec(names: Iterable[str | None] | None, shape: Sequence[int], me
   return PartitionSpec(*spec)
 
 
-def _names(variable: nnx.Variable) -> tuple[str | None, ...] | None:
-  meta = variable.get_metadata()
-  return meta.get("out_sharding") or meta.get("sharding")
-
-
 def state_shardings(state: nnx.State, mesh: Mesh,
                     rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> nnx.State:
-  """NamedSharding for every variable of an nnx.State, from its logical axis names."""
-  return jax.tree.map(
-      lambda v: v.replace(NamedSharding(mesh, logical_to_spec(_names(v), v.shape, mesh, rules))),
-      state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  """NamedSharding for every array variable of an nnx.State (a model's, an nnx.Optimizer's),
+  from the logical axis names `nnx.get_partition_spec` reads off its metadata; a variable
+  without names is replicated, one without an array (optax's masked leaves) stays empty."""
+  def sharding(variable, spec):
+    if not hasattr(variable.get_value(), "shape"):
+      return variable
+    names = tuple(spec.get_value()) or None
+    return variable.replace(NamedSharding(mesh, logical_to_spec(names, variable.shape, mesh,
+                                                                 rules)))
+  return jax.tree.map(sharding, state, nnx.get_partition_spec(state),
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def shard_module(module: nnx.Module, mesh: Mesh,
