@@ -46,15 +46,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from flax import nnx
 
 from ttt_jax import cli
 from ttt_jax.data import features
 from ttt_jax.data.loader import INFO_FILE, NULL_TEXT_FILE, decode_text
-from ttt_jax.data.tokenizer import StoryboardTokenizer, segment_text
-from ttt_jax.models.t5_convert import load_t5
+from ttt_jax.data.encoders import Encoders
+from ttt_jax.data.tokenizer import segment_text
 from ttt_jax.models.vae import Tiling
-from ttt_jax.models.vae_convert import load_converted_vae
 
 TEXT_DTYPES = {"float32": np.float32, "float16": np.float16}
 _LIST_AT_MOST = 20  # truncated segments named in precompute.json; the count is always whole
@@ -104,18 +102,11 @@ class VideoLatents(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     yield from self._examples
 
 
-class _Encoders:
-  """VAE, T5 and tokenizer, loaded once; T5 runs on `text_rows` texts a call (one compile)."""
+class _Encoders(Encoders):
+  """`Encoders` checked against the config; T5 runs on `text_rows` texts a call (one compile)."""
 
   def __init__(self, config: ml_collections.ConfigDict, text_rows: int):
-    for key, path in (("text.checkpoint", config.text.checkpoint),
-                      ("text.tokenizer", config.text.tokenizer),
-                      ("vae.checkpoint", config.vae.checkpoint)):
-      if not path:
-        raise ValueError(f"config.{key} is empty: precompute needs a converted model there")
-    self.tokenizer = StoryboardTokenizer(config.text.tokenizer, max_length=config.text.max_length)
-    self.t5_config, self.t5 = load_t5(config.text.checkpoint)
-    self.vae_config, self.vae = load_converted_vae(config.vae.checkpoint)
+    super().__init__(config, "precompute")
     vc, tc, m = self.vae_config, self.t5_config, config.model
     problems = []
     if vc.latent_channels != m.in_channels:
@@ -144,7 +135,6 @@ class _Encoders:
     self.frame_batch_size = config.vae.frame_batch_size * vc.temporal_compression_ratio
     self.tiling = Tiling.default(vc) if config.vae.tiling else None
     self.text_rows = text_rows
-    self._t5_call = nnx.jit(lambda t5, ids: t5(ids))
 
   def video(self, video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [frames, H, W, 3] -> float32 (mean, logvar), each [latent_frames, h, w, C]."""
@@ -166,7 +156,7 @@ class _Encoders:
       n = len(chunk)
       chunk = np.pad(chunk, ((0, self.text_rows - n), (0, 0)),
                      constant_values=self.tokenizer.pad_id)
-      out.append(np.asarray(self._t5_call(self.t5, jnp.asarray(chunk)), np.float32)[:n])
+      out.append(np.asarray(self.encode_ids(chunk), np.float32)[:n])
     return np.concatenate(out)
 
 
