@@ -1,7 +1,8 @@
 """Benchmark: the fused Pallas TTT kernels against ttt_scan(impl="dual") and (impl="grad").
 
-Prints one JSON object per (impl, mode) case: tokens/s and the fraction of matmul peak, where
-"peak" is the FLOP/s a plain batched jnp.dot of a comparable size achieves in the same process
+Prints one JSON object per (impl, mode) case: min and median seconds of --iters calls, and from
+the min tokens/s and the fraction of matmul peak, where "peak" is the FLOP/s a plain batched
+matmul of a comparable size achieves in the same process (bench/common.py)
 (FLOPs are the inner loop's matmul FLOPs, counted analytically; fwd+bwd counts 3x the forward, the
 usual convention, although the kernels recompute each checkpoint group once more).
 
@@ -16,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 
+from common import call_times, matmul_rate, summary
 from pallas_kernels import common
 from ttt_jax.ttt import init_params, ttt_scan
 
@@ -40,28 +41,6 @@ def matmul_flops(inner: str, causal: bool, batch: int, heads: int, seq: int, d: 
   else:
     per_mb = 6 * b * d * d + (4 * b * b * d if causal else 0)
   return float(per_mb * (seq // b) * batch * heads)
-
-
-def _time(fn, args, iters: int) -> tuple[float, float]:
-  """(compile + first run, mean seconds of the next `iters` runs)."""
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  first = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for _ in range(iters):
-    jax.block_until_ready(fn(*args))
-  return first, (time.perf_counter() - t0) / iters
-
-
-def matmul_rate(batch: int, heads: int, seq: int, d: int, h: int, dtype, iters: int) -> float:
-  """FLOP/s of a batched jnp.dot [batch*heads, seq, d] x [batch*heads, d, h]."""
-  n = batch * heads
-  a = jnp.ones((n, seq, d), dtype)
-  w = jnp.ones((n, d, h), dtype)
-  dot = jax.jit(lambda a, w: jnp.einsum("nsd,ndh->nsh", a, w,
-                                        preferred_element_type=jnp.float32))
-  _, t = _time(dot, (a, w), max(iters, 3))
-  return 2.0 * n * seq * d * h / t
 
 
 def main(argv=None) -> None:
@@ -94,7 +73,9 @@ def main(argv=None) -> None:
   eta = jnp.full(shape[:3], 0.1 / d / b, jnp.float32)
 
   fwd_flops = matmul_flops(args.inner, args.causal, args.batch, args.heads, args.seq, d, b)
-  peak = matmul_rate(args.batch, args.heads, args.seq, d, hidden, dtype, args.iters)
+  # A batched product of the inner loop's size: [batch*heads, seq, d] x [batch*heads, d, hidden].
+  n = args.batch * args.heads
+  peak = matmul_rate((n, args.seq, d), (n, d, hidden), dtype, args.iters)
   common_fields = {
       "inner": args.inner, "causal": args.causal, "batch": args.batch, "heads": args.heads,
       "seq": args.seq, "head_dim": d, "hidden": hidden, "mini_batch_size": b,
@@ -112,11 +93,12 @@ def main(argv=None) -> None:
       else:
         loss = lambda *a: jnp.sum(scan(*a)[0].astype(jnp.float32))
         fn, flops = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))), 3 * fwd_flops
-      compile_s, t = _time(fn, (params, xq, xk, xv, eta), args.iters)
+      compile_s, times = call_times(fn, params, xq, xk, xv, eta, repeats=args.iters)
+      t = min(times)
       print(json.dumps({
           "impl": impl, "mode": mode, **common_fields,
           "interpret": impl == "pallas" and common.kernel_platform(None)[0] == "interpret",
-          "compile_and_first_run_s": round(compile_s, 3), "time_s": t,
+          "compile_and_first_run_s": round(compile_s, 3), **summary(times),
           "tokens_per_s": args.batch * args.seq / t,
           "tflops": flops / t / 1e12,
           "fraction_of_matmul_peak": flops / t / peak,

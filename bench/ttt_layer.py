@@ -17,22 +17,12 @@ import argparse
 import functools
 import itertools
 import json
-import time
 
 import jax
 import jax.numpy as jnp
+from common import call_times, matmul_rate, summary
 
 from ttt_jax.ttt import init_params, ttt_scan
-
-
-def _time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def _peak_bytes(fn, *args) -> int:
@@ -40,12 +30,6 @@ def _peak_bytes(fn, *args) -> int:
   if mem is None:
     return -1
   return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes)
-
-
-def matmul_flops_per_s(repeats: int, n: int = 1024) -> float:
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  fn = jax.jit(lambda a: a @ a)
-  return 2 * n**3 / _time(fn, a, repeats=repeats)
 
 
 def ttt_forward_flops(inner: str, tokens_x_heads: int, d: int) -> float:
@@ -63,16 +47,17 @@ def _ttt_fns(inner, impl, causal, mb, group):
   return fwd, fwd_bwd
 
 
-def bench_ttt(inner, impl, causal, batch, heads, seq, d, mb, group, repeats, matmul_rate):
+def bench_ttt(inner, impl, causal, batch, heads, seq, d, mb, group, repeats, rate):
   params = init_params(inner, jax.random.key(0), heads, d)
   ks = jax.random.split(jax.random.key(1), 4)
   xq, xk, xv = (jax.random.normal(k, (batch, heads, seq, d)) for k in ks[:3])
   eta = jnp.full((batch, heads, seq), 0.1 / d / mb)
   fwd, fwd_bwd = _ttt_fns(inner, impl, causal, mb, group)
   args = (params, xq, xk, xv, eta)
-  t_fwd, t_bwd = _time(fwd, *args, repeats=repeats), _time(fwd_bwd, *args, repeats=repeats)
+  t_fwd, t_bwd = call_times(fwd, *args, repeats=repeats)[1], call_times(
+      fwd_bwd, *args, repeats=repeats)[1]
   flops = ttt_forward_flops(inner, batch * seq * heads, d)
-  return _record(f"ttt_{inner}", impl, batch, heads, seq, t_fwd, t_bwd, flops, matmul_rate,
+  return _record(f"ttt_{inner}", impl, batch, heads, seq, t_fwd, t_bwd, flops, rate,
                  _peak_bytes(fwd_bwd, *args), causal=causal, mini_batch_size=mb, head_dim=d)
 
 
@@ -87,27 +72,33 @@ def ttt_memory(inner, impl, causal, batch, heads, seq, d, mb, group):
                                              params, x, x, x, eta))
 
 
-def bench_attention(batch, heads, seq, d, repeats, matmul_rate):
+def bench_attention(batch, heads, seq, d, repeats, rate):
   ks = jax.random.split(jax.random.key(2), 3)
   q, k, v = (jax.random.normal(key, (batch, seq, heads, d)) for key in ks)
   attn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v)
   fwd = jax.jit(attn)
   fwd_bwd = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v)), argnums=(0, 1, 2)))
-  t_fwd, t_bwd = _time(fwd, q, k, v, repeats=repeats), _time(fwd_bwd, q, k, v, repeats=repeats)
+  t_fwd, t_bwd = (call_times(fwd, q, k, v, repeats=repeats)[1],
+                  call_times(fwd_bwd, q, k, v, repeats=repeats)[1])
   flops = 4 * batch * heads * seq * seq * d  # QK^T and PV
-  return _record("full_attention", "xla", batch, heads, seq, t_fwd, t_bwd, flops, matmul_rate,
+  return _record("full_attention", "xla", batch, heads, seq, t_fwd, t_bwd, flops, rate,
                  _peak_bytes(fwd_bwd, q, k, v), head_dim=d)
 
 
-def _record(mixer, impl, batch, heads, seq, t_fwd, t_bwd, fwd_flops, matmul_rate, peak, **extra):
-  tokens = batch * seq
+def _record(mixer, impl, batch, heads, seq, fwd_times, fwd_bwd_times, fwd_flops, rate, peak,
+            **extra):
+  """One case's JSON: min and median seconds (`fwd_s`, `fwd_bwd_s` are the mins), and from the
+  mins tokens/s and the fractions of the matmul rate."""
+  tokens, t_fwd, t_bwd = batch * seq, min(fwd_times), min(fwd_bwd_times)
   return dict(
       mixer=mixer, impl=impl, batch=batch, heads=heads, seq=seq, **extra,
       fwd_s=round(t_fwd, 5), fwd_bwd_s=round(t_bwd, 5),
+      fwd_median_s=round(summary(fwd_times)["median_s"], 5),
+      fwd_bwd_median_s=round(summary(fwd_bwd_times)["median_s"], 5),
       fwd_tokens_per_s=round(tokens / t_fwd, 1), fwd_bwd_tokens_per_s=round(tokens / t_bwd, 1),
       fwd_bwd_over_fwd=round(t_fwd / t_bwd, 3),
-      fwd_fraction_of_matmul=round(fwd_flops / t_fwd / matmul_rate, 4),
-      fwd_bwd_fraction_of_matmul=round(3 * fwd_flops / t_bwd / matmul_rate, 4),
+      fwd_fraction_of_matmul=round(fwd_flops / t_fwd / rate, 4),
+      fwd_bwd_fraction_of_matmul=round(3 * fwd_flops / t_bwd / rate, 4),
       peak_bytes=peak, device=jax.devices()[0].device_kind)
 
 
@@ -128,8 +119,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   causals = [{"false": False, "true": True}[c] for c in args.causal.split(",")]
-  matmul_rate = matmul_flops_per_s(args.repeats)
-  print(json.dumps({"case": "dense_matmul_1024", "flops_per_s": round(matmul_rate),
+  rate = matmul_rate((1024, 1024), (1024, 1024), repeats=args.repeats)
+  print(json.dumps({"case": "dense_matmul_1024", "flops_per_s": round(rate),
                     "device": jax.devices()[0].device_kind}), flush=True)
   for seq in map(int, args.seqs.split(",")):
     for inner in args.inners.split(","):
@@ -137,10 +128,10 @@ def main(argv=None):
       for causal, impl in itertools.product(causals, args.impls.split(",")):
         print(json.dumps(bench_ttt(inner, impl, causal, args.batch, args.heads, seq,
                                    args.head_dim, mb, args.checkpoint_group_size, args.repeats,
-                                   matmul_rate)), flush=True)
+                                   rate)), flush=True)
     if not args.no_attention:
       print(json.dumps(bench_attention(args.batch, args.heads, seq, args.head_dim, args.repeats,
-                                       matmul_rate)), flush=True)
+                                       rate)), flush=True)
   for seq in (int(s) for s in args.memory_seqs.split(",") if s):
     for inner in args.inners.split(","):
       mb = 64 if inner == "mlp" else 16
