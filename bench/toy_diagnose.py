@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import toy
-from ttt_jax import pipeline, sample, train
+from ttt_jax import sample, toy_job, train
 from ttt_jax.data import toy_toons
 from ttt_jax.data.builders import toy_toons as builder
 from ttt_jax.data.precompute import precompute
@@ -76,21 +76,21 @@ def stage1(args, overfit: bool) -> dict:
                           num_test=max(args.eval, 1), height=config.height, width=config.width,
                           fps=config.fps, seed=config.toy.dataset_seed)
   datasets = {3: dataset}
-  spm, t5_dir = pipeline.build_text_encoder(config, workdir, datasets)
-  vae_dir = pipeline.build_autoencoder(config, workdir, datasets)
-  stage = pipeline._with_models(stage, spm, t5_dir, vae_dir)  # pylint: disable=protected-access
+  spm, t5_dir = toy_job.build_text_encoder(config, workdir, datasets)
+  vae_dir = toy_job.build_autoencoder(config, workdir, datasets)
+  stage = toy_job._with_models(stage, spm, t5_dir, vae_dir)  # pylint: disable=protected-access
   latents = os.path.join(workdir, "latents")
   if not os.path.exists(os.path.join(latents, "precompute.json")):
     precompute(stage, dataset.data_path, latents, "train")
   stage.data.latents = latents
   prepared = time.perf_counter()
-  out = train.train(stage, os.path.join(workdir, "train"), mesh=pipeline._mesh(stage))  # pylint: disable=protected-access
+  out = train.train(stage, os.path.join(workdir, "train"), mesh=toy_job._mesh(stage))  # pylint: disable=protected-access
   trained = time.perf_counter()
-  losses = pipeline._read_losses(out["workdir"])  # pylint: disable=protected-access
+  losses = toy_job._read_losses(out["workdir"])  # pylint: disable=protected-access
   k = max(1, len(losses) // 8)
   curve = [round(float(np.mean(losses[i:i + k])), 4) for i in range(0, len(losses), k)]
-  stories = (pipeline._stories(dataset, "train") if overfit  # pylint: disable=protected-access
-             else pipeline._stories(dataset, "test")[:args.eval])  # pylint: disable=protected-access
+  stories = (toy_job._stories(dataset, "train") if overfit  # pylint: disable=protected-access
+             else toy_job._stories(dataset, "test")[:args.eval])  # pylint: disable=protected-access
   scores = []
   for i, story in enumerate(stories):
     storyboard = os.path.join(workdir, f"storyboard_{i}.json")
@@ -169,7 +169,7 @@ def guidance(args) -> dict:
   with open(os.path.join(workdir, "summary.json")) as f:
     reference = json.load(f)["sample"]["reference"]
   job = toy.get_config()
-  story = pipeline.held_out_story(job, pipeline.build_datasets(job, workdir))  # found built
+  story = toy_job.held_out_story(job, toy_job.build_datasets(job, workdir))  # found built
   out = {"reference": reference}
   for scale in args.scales:
     config = saved.get_config(stage_dir)

@@ -4,7 +4,7 @@
   python -m ttt_jax.train --config=configs/toy.py:long --workdir=runs/long  # the same, longer
 
 Builds toy_toons for the five stages (3, 9, 18, 30, 63 s), a tokenizer trained on their texts, a
-text encoder and a fitted autoencoder (see ttt_jax/pipeline.py for which are trained and why), then
+text encoder and a fitted autoencoder (see ttt_jax/toy_job.py for which are trained and why), then
 trains the DiT through the five stages with hand-off, samples one minute from a held-out
 storyboard and reports toy_toons' persistence, text-following and frame statistics. Rerunning with
 the same workdir resumes where it stopped.
@@ -85,7 +85,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # normalize="channel": each channel whitened (ttt_jax/models/pixel_vae.py says why).
   c.vae = ml_collections.ConfigDict(dict(kind="pixel", patch=4, latent_channels=16,
                                          normalize="channel"))
-  # A frozen random T5 v1.1 encoder of this size (ttt_jax/pipeline.py says why not trained).
+  # A frozen random T5 v1.1 encoder of this size (ttt_jax/toy_job.py says why not trained).
   c.text = ml_collections.ConfigDict(dict(d_model=64, d_kv=16, d_ff=128, num_layers=2,
                                           num_heads=4, max_length=32))
   c.stages = ml_collections.ConfigDict({f"s{s}": _toy_stage(s, runlocal, long) for s in STAGES})

@@ -621,9 +621,9 @@ def main(argv):
   if flags.FLAGS.distributed:  # multi-host (TPU pod, multi-node GPU): before any device use
     ids = flags.FLAGS.local_device_ids
     jax.distributed.initialize(local_device_ids=[int(i) for i in ids] if ids else None)
-  if config.get("pipeline"):  # configs/toy.py: the whole pipeline, not one stage
-    from ttt_jax import pipeline  # pylint: disable=g-import-not-at-top
-    pipeline.run(config, workdir)  # prints its own lines; the numbers are in summary.json
+  if config.get("pipeline"):  # configs/toy.py: the whole toy job, not one stage
+    from ttt_jax import toy_job  # pylint: disable=g-import-not-at-top
+    toy_job.run(config, workdir)  # prints its own lines; the numbers are in summary.json
   else:
     print(json.dumps(train(config, workdir)))
 

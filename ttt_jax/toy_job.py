@@ -35,12 +35,13 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from configs.tomjerry_common import STAGES
 from ttt_jax import checkpoint
 
 
 def _stage_configs(config: ml_collections.ConfigDict) -> list[tuple[int, Any]]:
-  return [(s, config.stages[f"s{s}"]) for s in STAGES]
+  """(seconds, stage config) for config.stages' 's3', 's9', ... in order of length."""
+  return sorted(((int(name[1:]), stage) for name, stage in config.stages.items()),
+                key=lambda pair: pair[0])
 
 
 def _log(message: str) -> None:
@@ -152,7 +153,7 @@ def build_autoencoder(config, workdir: str, datasets) -> str:
   if os.path.exists(os.path.join(vae_dir, "config.json")):
     return vae_dir
   if config.vae.kind != pixel_vae.KIND:
-    raise ValueError(f"config.vae.kind={config.vae.kind!r}: the toy pipeline has only 'pixel'")
+    raise ValueError(f"config.vae.kind={config.vae.kind!r}: the toy job has only 'pixel'")
   source = datasets[3].as_data_source()["train"]
   frames = np.concatenate([source[i]["video"][::6] for i in range(len(source))])
   frames = frames.astype(np.float32) / 127.5 - 1.0
@@ -191,7 +192,7 @@ def _summarise_losses(losses: list[float]) -> dict[str, float]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) the toy pipeline; returns and writes DIR/summary.json. The terminal gets
+  """Runs (or resumes) the toy job; returns and writes DIR/summary.json. The terminal gets
   a line per step of the job and a progress bar per stage; the logs go to DIR/log.txt."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -284,7 +285,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def held_out_story(config: ml_collections.ConfigDict, datasets) -> Any:
   """The story the job samples: config.toy.sample_story of the 63 s test split."""
-  return _stories(datasets[max(STAGES)], "test")[config.toy.sample_story]
+  return _stories(datasets[max(datasets)], "test")[config.toy.sample_story]
 
 
 def sample_command(workdir: str, stage_dir: str) -> str:
