@@ -130,7 +130,8 @@ def save_model(directory: str | os.PathLike, config: Any, params: Any = None) ->
 
   On many processes every process calls it with the same global arrays (each writes its
   shards); config.json, written after the parameters, comes from process 0, so a directory cut
-  short has none and `load_model` refuses it.
+  short has none and the loaders (load_dit, load_t5, load_converted_vae: they read it first)
+  refuse it.
   """
   directory = as_path(directory)
   directory.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,9 @@ import difflib
 import os
 import shlex
 import shutil
+import signal
 import sys
+import threading
 import uuid
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
@@ -77,6 +79,23 @@ def guard(verbose: bool) -> Iterator[None]:
     if verbose:
       raise
     _fail(one_line(e))
+
+
+@contextlib.contextmanager
+def sigterm_received() -> Iterator[list[int]]:
+  """Yields a list that gets the signal number when SIGTERM arrives (the loop checks it after
+  each step). Not installed on multi-host runs, where JAX's preemption service owns SIGTERM and
+  `reached_preemption` tells every host the same step, nor off the main thread."""
+  import jax  # pylint: disable=g-import-not-at-top
+  received: list[int] = []
+  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+    yield received
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+  try:
+    yield received
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------- absl commands

@@ -49,8 +49,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
-import threading
 import zlib
 from typing import Any, Callable, Iterator, Sequence
 
@@ -65,7 +63,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ttt_jax import checkpoint, cli, diffusion
+from ttt_jax import checkpoint, cli, diffusion, writers
 from ttt_jax.data import features
 from ttt_jax.data.loader import process_rows
 from ttt_jax.models.dit import DiT, DiTConfig
@@ -366,53 +364,6 @@ def _check_batch_shapes(config, batch, patch_size: int):
 
 # ---------------------------------------------------------------------------- the loop
 
-@contextlib.contextmanager
-def _jsonl_log(path: epath.Path, first_step: int):
-  """Yields write(record) appending one JSON line per step to `path`, from process 0 only (the
-  others get a no-op: one writer, no race on shared storage). Lines of earlier runs are kept up
-  to step `first_step` (the restored checkpoint; 0: none), dropping those the checkpoint had not
-  reached and a last line a hard kill cut short. The file is rewritten once and then held open:
-  gs:// objects cannot be appended to (there, lines reach the bucket when the upload buffer
-  fills and when the run ends)."""
-  if jax.process_index() > 0:
-    yield lambda record: None
-    return
-
-  def keep(line):
-    try:
-      return json.loads(line)["step"] <= first_step
-    except (ValueError, KeyError, TypeError):
-      return False
-
-  kept = ([l + "\n" for l in path.read_text().splitlines() if l.strip() and keep(l)]
-          if first_step and path.exists() else [])
-  with path.open("w") as f:
-    f.writelines(kept)
-    f.flush()
-
-    def write(record):
-      f.write(json.dumps(record) + "\n")
-      f.flush()
-
-    yield write
-
-
-@contextlib.contextmanager
-def _sigterm_received():
-  """Yields a list that gets the signal number when SIGTERM arrives (the loop checks it after
-  each step). Not installed on multi-host runs, where JAX's preemption service owns SIGTERM and
-  `reached_preemption` tells every host the same step, nor off the main thread."""
-  received: list[int] = []
-  if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
-    yield received
-    return
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
-  try:
-    yield received
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-
-
 # What a fresh run writes in its workdir: removed again if it fails before its first step ends.
 # (tensorboardX writes the hparams into a hparams/ folder of their own.)
 _RUN_FILES = ("checkpoints", "config.json", "metrics.jsonl", "events.out.tfevents.*", "hparams")
@@ -457,7 +408,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, loader: Any = None
   before = {p.name for p in workdir.iterdir()} if workdir.is_dir() else None
   progress = {"resumed": False, "steps_done": 0}
   try:
-    with _sigterm_received() as sigterm:
+    with cli.sigterm_received() as sigterm:
       return _train(config, workdir, loader, mesh, sigterm, progress, on_step, hooks)
   except cli.Preempted:
     raise
@@ -482,9 +433,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, loader: Any,
     loader = LatentLoader(config.data.latents, batch_size=config.train.batch_size,
                           seed=config.seed)
   setup = build_setup(config, mesh)
-  from ttt_jax.writers import metric_writers  # pylint: disable=g-import-not-at-top
-  writer = metric_writers.create_default_writer(os.fspath(workdir),
-                                                just_logging=jax.process_index() > 0)
+  writer = writers.metric_writers.create_default_writer(
+      os.fspath(workdir), just_logging=jax.process_index() > 0)
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
   log = contextlib.ExitStack()
   try:
@@ -494,8 +444,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, loader: Any,
     progress["resumed"] = start.resumed
     if not start.resumed:
       _record_start(config, workdir, writer, start.items["params"])
-    write_jsonl = log.enter_context(_jsonl_log(workdir / "metrics.jsonl", start.step))
-    metrics = _Metrics(write_jsonl, writer, config.train, mngr, progress, on_step)
+    write_jsonl = log.enter_context(writers.jsonl_log(workdir / "metrics.jsonl", start.step))
+    metrics = writers.StepMetrics(write_jsonl, writer, config.train, mngr, progress, on_step)
     state = _loop(config, setup, loader, setup.state(start.items), start, mngr, writer, metrics,
                   sigterm, hooks)
     mngr.wait_until_finished()
@@ -513,12 +463,11 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, loader: Any,
 def _record_start(config: ml_collections.ConfigDict, workdir: epath.Path, writer: Any,
                   params: Any) -> None:
   """A fresh run's config.json, parameter overview and hyperparameters."""
-  from ttt_jax.writers import parameter_overview  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   # Statistics of arrays spread over hosts are computed on the devices ("global"), by every
   # process; the plain form fetches each whole array to the host.
-  parameter_overview.log_parameter_overview(
+  writers.parameter_overview.log_parameter_overview(
       params, jax_logging_process=0,
       include_stats="global" if jax.process_count() > 1 else True)
   t = config.train
@@ -527,61 +476,22 @@ def _record_start(config: ml_collections.ConfigDict, workdir: epath.Path, writer
                         "mixer_lr": float(t.mixer_lr)})
 
 
-class _Metrics:
-  """Each step's metrics stay on the devices until `flush` copies the steps since the last one
-  to the host at once (as big_vision does: no host sync per step), checks them for NaN and inf,
-  and writes them: metrics.jsonl (every step), the clu writer (every log_every steps, the last)
-  and on_step."""
-
-  def __init__(self, write_jsonl, writer, train: ml_collections.ConfigDict, mngr,
-               progress: dict[str, Any], on_step):
-    self.write_jsonl, self.writer, self.mngr = write_jsonl, writer, mngr
-    self.log_every, self.total = int(train.log_every), int(train.steps)
-    self.progress, self.on_step = progress, on_step
-    self.pending: list[tuple[int, dict[str, jax.Array]]] = []
-    self.last: dict[str, float] = {}
-
-  def add(self, done: int, metrics: dict[str, jax.Array]) -> None:
-    self.pending.append((done, metrics))
-    if done % self.log_every == 0 or done == self.total:
-      self.flush()
-
-  def flush(self) -> None:
-    """Raises FloatingPointError at the first step whose loss or gradient norm is not finite."""
-    steps, self.pending = self.pending, []
-    for (done, _), values in zip(steps, jax.device_get([m for _, m in steps])):
-      values = {k: float(v) for k, v in values.items()}
-      if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
-        self.mngr.wait_until_finished()
-        good = self.mngr.latest_step()
-        raise FloatingPointError(
-            f"step {done}: non-finite loss {values['loss']} or gradient norm "
-            f"{values['grad_norm']}; stopped. Last good checkpoint: "
-            f"{'none' if good is None else f'step {good}'} in {self.mngr.directory}")
-      self.last = {"step": done, **values}
-      self.progress["steps_done"] += 1
-      self.write_jsonl(self.last)
-      if done % self.log_every == 0 or done == self.total:
-        self.writer.write_scalars(done, values)
-      if self.on_step is not None:
-        self.on_step(done, self.total, values)
-
-
 def _loop(config: ml_collections.ConfigDict, setup: Setup, loader: Any, state: nnx.State,
-          start: checkpoint.Start, mngr, writer, metrics: _Metrics, sigterm: list[int],
-          hooks: Sequence[Callable[[int], Any]]) -> nnx.State:
+          start: checkpoint.Start, mngr, writer, metrics: writers.StepMetrics,
+          sigterm: list[int], hooks: Sequence[Callable[[int], Any]]) -> nnx.State:
   """Steps start.step .. train.steps: the batch (read ahead), the step, its metrics, the
   periodic checkpoint, the hooks; a checkpoint and `cli.Preempted` on SIGTERM. Returns the
   final state."""
-  from ttt_jax.writers import periodic_actions  # pylint: disable=g-import-not-at-top
   train_cfg, total = config.train, int(config.train.steps)
   batch_sh, rows = batch_shardings(config, setup.mesh)
   step_fn = make_train_step(config, setup, loader.null_text, batch_sh)
-  progress = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                              every_steps=int(train_cfg.log_every))]
+  actions = writers.periodic_actions
+  progress = [actions.ReportProgress(num_train_steps=total, writer=writer,
+                                     every_steps=int(train_cfg.log_every))]
   if train_cfg.get("profile_steps", 0) and jax.process_index() == 0:
-    progress.append(periodic_actions.Profile(logdir=os.fspath(checkpoint.as_path(
-        mngr.directory).parent), num_profile_steps=int(train_cfg.profile_steps)))
+    workdir = checkpoint.as_path(mngr.directory).parent  # the manager's is workdir/checkpoints
+    progress.append(actions.Profile(logdir=os.fspath(workdir),
+                                    num_profile_steps=int(train_cfg.profile_steps)))
   multi_host = jax.process_count() > 1
 
   def save(done):

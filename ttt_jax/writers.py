@@ -7,13 +7,23 @@ when it is not installed, `clu.metric_writers.summary_writer` is provided here: 
 TensorFlow installed, clu's own writer is used. Import clu from this module:
 
     from ttt_jax.writers import metric_writers, periodic_actions, parameter_overview
+
+Training's own: `jsonl_log` (metrics.jsonl, one line a step) and `StepMetrics` (metrics kept on
+the devices, copied and checked for NaN every log_every steps).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import sys
 import types
 from typing import Any, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
 
 
 def _install() -> None:
@@ -92,4 +102,78 @@ _install()
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from clu import metric_writers, parameter_overview, periodic_actions  # noqa: E402
 
-__all__ = ["metric_writers", "parameter_overview", "periodic_actions"]
+__all__ = ["metric_writers", "parameter_overview", "periodic_actions", "jsonl_log",
+           "StepMetrics"]
+
+
+@contextlib.contextmanager
+def jsonl_log(path: epath.Path, first_step: int):
+  """Yields write(record) appending one JSON line per step to `path`, from process 0 only (the
+  others get a no-op: one writer, no race on shared storage). Lines of earlier runs are kept up
+  to step `first_step` (the restored checkpoint; 0: none), dropping those the checkpoint had not
+  reached and a last line a hard kill cut short. The file is rewritten once and then held open:
+  gs:// objects cannot be appended to (there, lines reach the bucket when the upload buffer
+  fills and when the run ends)."""
+  if jax.process_index() > 0:
+    yield lambda record: None
+    return
+
+  def keep(line):
+    try:
+      return json.loads(line)["step"] <= first_step
+    except (ValueError, KeyError, TypeError):
+      return False
+
+  kept = ([l + "\n" for l in path.read_text().splitlines() if l.strip() and keep(l)]
+          if first_step and path.exists() else [])
+  with path.open("w") as f:
+    f.writelines(kept)
+    f.flush()
+
+    def write(record):
+      f.write(json.dumps(record) + "\n")
+      f.flush()
+
+    yield write
+
+
+class StepMetrics:
+  """Each step's metrics stay on the devices until `flush` copies the steps since the last one
+  to the host at once (as big_vision does: no host sync per step), checks them for NaN and inf,
+  and writes them: metrics.jsonl (every step), the clu writer (every log_every steps, the last)
+  and on_step(step, total, metrics). `mngr` (the run's CheckpointManager) names the last good
+  checkpoint in the error; progress["steps_done"] counts the steps found finite."""
+
+  def __init__(self, write_jsonl, writer, train: ml_collections.ConfigDict, mngr,
+               progress: dict[str, Any], on_step):
+    self.write_jsonl, self.writer, self.mngr = write_jsonl, writer, mngr
+    self.log_every, self.total = int(train.log_every), int(train.steps)
+    self.progress, self.on_step = progress, on_step
+    self.pending: list[tuple[int, dict[str, jax.Array]]] = []
+    self.last: dict[str, float] = {}
+
+  def add(self, done: int, metrics: dict[str, jax.Array]) -> None:
+    self.pending.append((done, metrics))
+    if done % self.log_every == 0 or done == self.total:
+      self.flush()
+
+  def flush(self) -> None:
+    """Raises FloatingPointError at the first step whose loss or gradient norm is not finite."""
+    steps, self.pending = self.pending, []
+    for (done, _), values in zip(steps, jax.device_get([m for _, m in steps])):
+      values = {k: float(v) for k, v in values.items()}
+      if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
+        self.mngr.wait_until_finished()
+        good = self.mngr.latest_step()
+        raise FloatingPointError(
+            f"step {done}: non-finite loss {values['loss']} or gradient norm "
+            f"{values['grad_norm']}; stopped. Last good checkpoint: "
+            f"{'none' if good is None else f'step {good}'} in {self.mngr.directory}")
+      self.last = {"step": done, **values}
+      self.progress["steps_done"] += 1
+      self.write_jsonl(self.last)
+      if done % self.log_every == 0 or done == self.total:
+        self.writer.write_scalars(done, values)
+      if self.on_step is not None:
+        self.on_step(done, self.total, values)
+
