@@ -4,6 +4,7 @@
   python bench/toy_diagnose.py overfit --workdir=/tmp/d/overfit [--set train.steps=600]
   python bench/toy_diagnose.py x0 --workdir=/tmp/d/base
   python bench/toy_diagnose.py guidance --workdir=runs/toy [--scales 1 3]
+  python bench/toy_diagnose.py memory --workdir=runs/toy
 
 stage1: configs/toy.py's 3 s stage alone (data, tokenizer, text encoder, autoencoder, precompute,
 training), with `--set key=value` overrides of the stage config and `--top key=value` of the
@@ -19,6 +20,12 @@ best guess that ignores the model (sqrt(a_t) x_t, the posterior mean for unit-va
 and the training loss (snr+1-weighted) at t = 0 ... 999.
 guidance: samples a toy job's held-out 63 s storyboard from its last stage at each guidance scale
 and scores it (persistence, text following, frame statistics), beside the rendering's scores.
+memory: how much of what segment 1's text says reaches later segments, for each stage of a toy
+job and for a fresh model: the mean change of the model's output on segment k's own frames when
+only segment 1's text changes (two held-out first-segment texts; a 3-segment video of noise at
+t = 900, where the stated facts must come from the text), relative to the change on segment 1,
+and the mixer gates tanh(alpha), tanh(beta) (video and text rows). Local attention cannot carry
+text 1 past segment 2 in a two-block model, so segment 3's number is the mixer's memory path.
 
 One JSON object on stdout. Runs on a CPU: the default stage1 run takes a few minutes.
 """
@@ -185,9 +192,52 @@ def guidance(args) -> dict:
   return out
 
 
+def memory(args) -> dict:
+  """Segment-1 text -> segment-k output change, per stage and fresh (module docstring)."""
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from configs import saved
+  from ttt_jax.data.storyboard import Segment, segment_prompts
+  from ttt_jax.models.dit import DiT
+  workdir = os.path.abspath(args.workdir)
+  job = toy.get_config()
+  stories = toy_job._stories(toy_job.build_datasets(job, workdir)[9], "test")  # pylint: disable=protected-access
+  texts = [toy_toons.story_texts(s) for s in stories[:2]]
+  stage_dirs = sorted(os.listdir(os.path.join(workdir, "stages")),
+                      key=lambda s: int(s.split("_")[1][:-1]))
+  out = {}
+  for name in ["fresh"] + stage_dirs:
+    stage_dir = os.path.join(workdir, "stages", stage_dirs[0] if name == "fresh" else name)
+    sampler = sample.Sampler(saved.get_config(stage_dir), os.path.join(stage_dir, "model"))
+    dit = sampler.dit
+    if name == "fresh":
+      dit = DiT(dataclasses.replace(dit.config), rngs=nnx.Rngs(job.seed))
+    def encode(first):
+      segments = [Segment(t, i == 0) for i, t in enumerate([first] + texts[0][1:3])]
+      return sampler.encode_text(segment_prompts(segments)[0])
+    x = jax.random.normal(jax.random.key(0), sampler.latent_shape(3))
+    t = jnp.full((1,), 900.0)
+    change = np.asarray(jnp.abs(dit(x, encode(texts[0][0]), t) - dit(x, encode(texts[1][0]), t)))
+    change = change.mean(axis=(0, 2, 3, 4))  # per latent frame
+    per = (len(change) - 1) // 3  # segment k spans frames k*per .. (k+1)*per
+    own = [change[:per], change[per + 1:2 * per], change[2 * per + 1:]]  # overlaps left out
+    first = float(own[0].mean())
+    blocks = nnx.state(dit, nnx.Param).to_pure_dict()["blocks"]
+    gates = {g: np.round(np.abs(np.tanh(np.asarray(blocks[g]))).mean(-1), 4).tolist()
+             for g in ("alpha", "beta") if g in blocks}
+    out[name] = dict(segment_1_change=round(first, 5),
+                     relative_change=[round(float(o.mean()) / first, 6) for o in own[1:]],
+                     gates_layer_by_video_text=gates)
+  return out
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("mode", choices=("stage1", "overfit", "x0", "guidance"))
+  parser.add_argument("mode", choices=("stage1", "overfit", "x0", "guidance", "memory"))
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--set", nargs="*", default=[], help="stage config key=value (Python)")
   parser.add_argument("--top", nargs="*", default=[], help="job config key=value (Python)")
@@ -196,8 +246,9 @@ def main() -> None:
                       help="guidance: the guidance scales to sample at")
   args = parser.parse_args()
   with contextlib.redirect_stdout(sys.stderr):  # tfds prints; stdout carries the JSON only
-    result = (x0_error(args) if args.mode == "x0" else guidance(args)
-              if args.mode == "guidance" else stage1(args, args.mode == "overfit"))
+    modes = {"x0": x0_error, "guidance": guidance, "memory": memory}
+    result = (modes[args.mode](args) if args.mode in modes
+              else stage1(args, args.mode == "overfit"))
   print(json.dumps(result))
 
 

@@ -266,3 +266,26 @@ def test_dit_with_chunked_attention_matches_xla_attention():
   outs = [DiT(dataclasses.replace(cfg, attention_impl=impl, attention_query_chunk=16),
               rngs=nnx.Rngs(0))(latents, text, jnp.array([500])) for impl in ("xla", "chunked")]
   np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(mixers.MIXERS))
+def test_first_segment_text_reaches_the_last_segment_only_through_the_mixer(name):
+  """Attention is local: a segment's text reaches its own frames and, one block later, the frame
+  it shares with the next segment, so with two blocks segment 3 cannot see text 1. Only the mixer
+  carries it there: the path every fact stated once (toy_toons' room, colours, shapes) needs."""
+  cfg = dataclasses.replace(SMALL, mixer=name, mixer_gate_init=1.0)
+  try:
+    model = DiT(cfg, rngs=nnx.Rngs(0))
+  except ImportError as e:
+    pytest.skip(f"mixer {name} not importable: {e}")
+  latents, text, t = _inputs(cfg, segments=3)  # frames 0-2 | 3-4 | 5-6 (2 and 4 shared)
+  other = text.copy()
+  other[:, 0] = np.random.default_rng(1).standard_normal(other[:, 0].shape)
+  run = nnx.jit(lambda m, *a: m(*a))
+  change = np.abs(np.asarray(run(model, latents, text, t) - run(model, latents, other, t)))
+  first, last = change[:, :2].mean(), change[:, 5:].mean()
+  assert first > 1e-3
+  if name == "none":
+    assert last == 0.0
+  else:
+    assert last > 1e-3 * first, (name, first, last)
