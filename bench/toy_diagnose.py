@@ -5,6 +5,7 @@
   python bench/toy_diagnose.py x0 --workdir=/tmp/d/base
   python bench/toy_diagnose.py guidance --workdir=runs/toy [--scales 1 3]
   python bench/toy_diagnose.py memory --workdir=runs/toy
+  python bench/toy_diagnose.py stage2 --workdir=/tmp/d/s2 --from_run=runs/toy [--fresh_mixer]
 
 stage1: configs/toy.py's 3 s stage alone (data, tokenizer, text encoder, autoencoder, precompute,
 training), with `--set key=value` overrides of the stage config and `--top key=value` of the
@@ -26,6 +27,12 @@ only segment 1's text changes (two held-out first-segment texts; a 3-segment vid
 t = 900, where the stated facts must come from the text), relative to the change on segment 1,
 and the mixer gates tanh(alpha), tanh(beta) (video and text rows). Local attention cannot carry
 text 1 past segment 2 in a two-block model, so segment 3's number is the mixer's memory path.
+stage2: configs/toy.py's 9 s stage alone (the first stage that can learn memory), from a toy
+job's trained 3 s stage (`--from_run`; its text encoder and autoencoder are reused), on
+`--stories` training stories, with `--set` overrides; `--fresh_mixer` drops the mixer and gates
+from the 3 s parameters so that they start fresh, as the paper's start on a pretrained backbone.
+Samples `--eval` held-out 9 s storyboards and reports room / colour / shape / text following per
+segment (segments 2 and 3: what memory must carry) and the loss curve.
 
 One JSON object on stdout. Runs on a CPU: the default stage1 run takes a few minutes.
 """
@@ -115,6 +122,63 @@ def stage1(args, overfit: bool) -> dict:
   return dict(mode="overfit" if overfit else "stage1", workdir=workdir, set=args.set,
               top=args.top, steps=len(losses), loss_curve=curve, mean=mean, per_story=scores,
               prepare_s=round(prepared - start, 1), train_s=round(trained - prepared, 1),
+              sample_s=round(time.perf_counter() - trained, 1))
+
+
+def _score_per_segment(stage, model_dir: str, stories, workdir: str) -> dict:
+  """Samples each story's storyboard; room/color/shape/text following per segment, averaged."""
+  scores = []
+  for i, story in enumerate(stories):
+    storyboard = os.path.join(workdir, f"storyboard_{i}.json")
+    with open(storyboard, "w") as f:
+      json.dump(toy_toons.story_to_storyboard(story), f)
+    info = sample.run(stage, model_dir, storyboard, os.path.join(workdir, f"sample_{i}"),
+                      progress=False, overwrite=True)
+    video, _ = read_mp4(info["video"])
+    p = toy_toons.persistence_score(video, story)
+    scores.append(dict(room=p["room"], color=p["color"], shape=p["shape"],
+                       text_following=toy_toons.text_following_score(video, story)["per_segment"]))
+  return {k: np.round(np.mean([s[k] for s in scores], axis=0), 3).tolist() for k in scores[0]}
+
+
+def stage2(args) -> dict:
+  from ttt_jax import checkpoint
+  source = os.path.abspath(args.from_run)
+  workdir = os.path.abspath(args.workdir)
+  os.makedirs(workdir, exist_ok=True)
+  stage = toy.get_config().stages.s9
+  for item in args.set:
+    _set(stage, item)
+  dataset = builder.build(os.path.join(workdir, "data"), segments=3, num_train=args.stories,
+                          num_test=args.eval, height=stage.height, width=stage.width,
+                          fps=stage.fps, seed=0)
+  stage = toy_job._with_models(  # pylint: disable=protected-access
+      stage, os.path.join(source, "text", "spiece.model"), os.path.join(source, "text", "t5"),
+      os.path.join(source, "vae"))
+  latents = os.path.join(workdir, "latents")
+  if not os.path.exists(os.path.join(latents, "precompute.json")):
+    precompute(stage, dataset.data_path, latents, "train")
+  stage.data.latents = latents
+  stage.init_from = os.path.join(source, "stages", "toy_3s")
+  if args.fresh_mixer:  # the 3 s backbone alone: the hand-off initialises mixer and gates
+    backbone = os.path.join(workdir, "backbone")
+    if not os.path.isdir(os.path.join(backbone, "params")):
+      params = checkpoint.load_params(checkpoint.params_dir(stage.init_from))
+      params["blocks"] = {k: v for k, v in params["blocks"].items()
+                          if k not in ("mixer", "alpha", "beta")}
+      checkpoint.save_params(os.path.join(backbone, "params"), params)
+    stage.init_from = backbone
+  start = time.perf_counter()
+  out = train.train(stage, os.path.join(workdir, "train"), mesh=toy_job._mesh(stage))  # pylint: disable=protected-access
+  trained = time.perf_counter()
+  losses = toy_job._read_losses(out["workdir"])  # pylint: disable=protected-access
+  k = max(1, len(losses) // 5)
+  curve = [round(float(np.mean(losses[i:i + k])), 4) for i in range(0, len(losses), k)]
+  per_segment = _score_per_segment(stage, os.path.join(out["workdir"], "model"),
+                                   toy_job._stories(dataset, "test"), workdir)  # pylint: disable=protected-access
+  return dict(mode="stage2", workdir=workdir, from_run=source, fresh_mixer=args.fresh_mixer,
+              set=args.set, stories=args.stories, steps=len(losses), loss_curve=curve,
+              per_segment=per_segment, train_s=round(trained - start, 1),
               sample_s=round(time.perf_counter() - trained, 1))
 
 
@@ -237,16 +301,20 @@ def memory(args) -> dict:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("mode", choices=("stage1", "overfit", "x0", "guidance", "memory"))
+  parser.add_argument("mode", choices=("stage1", "overfit", "x0", "guidance", "memory", "stage2"))
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--set", nargs="*", default=[], help="stage config key=value (Python)")
   parser.add_argument("--top", nargs="*", default=[], help="job config key=value (Python)")
   parser.add_argument("--eval", type=int, default=4, help="held-out storyboards to sample")
+  parser.add_argument("--from_run", help="stage2: a toy job's workdir (its toy_3s stage)")
+  parser.add_argument("--fresh_mixer", action="store_true",
+                      help="stage2: start the mixer and gates fresh on the 3 s backbone")
+  parser.add_argument("--stories", type=int, default=256, help="stage2: training stories")
   parser.add_argument("--scales", type=float, nargs="*", default=[1.0, 3.0],
                       help="guidance: the guidance scales to sample at")
   args = parser.parse_args()
   with contextlib.redirect_stdout(sys.stderr):  # tfds prints; stdout carries the JSON only
-    modes = {"x0": x0_error, "guidance": guidance, "memory": memory}
+    modes = {"x0": x0_error, "guidance": guidance, "memory": memory, "stage2": stage2}
     result = (modes[args.mode](args) if args.mode in modes
               else stage1(args, args.mode == "overfit"))
   print(json.dumps(result))
