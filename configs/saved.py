@@ -9,22 +9,14 @@ config file of its own:
 
 Overrides work as with any config (`--config.sampling.num_steps=50`).
 """
-import os
-
-import ml_collections
-
-from ttt_jax.checkpoint import as_path, read_json
+from ttt_jax.checkpoint import load_run_config
 
 
-def get_config(arg=None) -> ml_collections.ConfigDict:
+def get_config(arg=None):
   if not arg:
     raise ValueError("configs/saved.py needs a training run directory: "
                      "--config=configs/saved.py:RUN_DIR (the directory with config.json)")
-  path = as_path(os.path.expanduser(arg)) / "config.json"
-  if not path.is_file():
-    raise ValueError(f"configs/saved.py:{arg}: no {path} (expected the workdir of a "
-                     "python -m ttt_jax.train run)")
-  saved = read_json(path)
-  if not isinstance(saved, dict) or "model" not in saved:
-    raise ValueError(f"{path} holds no stage config (no 'model' field)")
-  return ml_collections.ConfigDict(saved)
+  try:
+    return load_run_config(arg)
+  except ValueError as e:
+    raise ValueError(f"configs/saved.py:{e}") from None

@@ -268,10 +268,11 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from configs.mixers import MIXER_OPTIONS  # pylint: disable=g-import-not-at-top
+
+  from ttt_jax import mixers  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("config", None, "the toy job's config file[:arguments], without mixer=")
   flags.DEFINE_string("workdir", None, "where the runs and the table go (resumed)")
-  flags.DEFINE_list("mixers", list(MIXER_OPTIONS), "mixers to compare (configs/mixers.py)")
+  flags.DEFINE_list("mixers", list(mixers.MIXERS), "mixers to compare (configs/mixers.py)")
   flags.DEFINE_list("seeds", ["0"], "training seeds (config.seed), one run per mixer and seed")
   flags.DEFINE_integer("num_storyboards", 0, "held-out storyboards per run (0: the test split)")
   flags.DEFINE_integer("step_segments", 0, "length of the timed step (0: the last stage's)")

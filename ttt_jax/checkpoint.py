@@ -54,6 +54,20 @@ def read_json(path: str | os.PathLike) -> Any:
     raise ValueError(f"{os.fspath(path)}: not valid JSON ({e})") from e
 
 
+def load_run_config(run_dir: str | os.PathLike) -> Any:
+  """The stage config (an ml_collections.ConfigDict) that `python -m ttt_jax.train` saved in
+  RUN_DIR/config.json, model paths included: what sampling and evaluating a run start from."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = as_path(os.path.expanduser(str(run_dir))) / "config.json"
+  if not path.is_file():
+    raise ValueError(f"{run_dir}: no {path} (expected the workdir of a python -m ttt_jax.train "
+                     "run)")
+  saved = read_json(path)
+  if not isinstance(saved, dict) or "model" not in saved:
+    raise ValueError(f"{path} holds no stage config (no 'model' field)")
+  return ml_collections.ConfigDict(saved)
+
+
 def stored_shapes(directory: str | os.PathLike) -> Any:
   """The stored pytree's structure without reading it: nested dicts of leaves with .shape and
   .dtype."""

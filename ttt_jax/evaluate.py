@@ -210,8 +210,7 @@ def run(workdir: str, storyboards: list[str] | None = None, out: str | None = No
         resamples: int = bootstrap.RESAMPLES) -> dict[str, Any]:
   """Samples and scores; writes OUT/{eval.json, eval.png, videos/, stories/} and returns
   eval.json's contents (module docstring)."""
-  from configs import saved  # pylint: disable=g-import-not-at-top
-  from ttt_jax import sample  # pylint: disable=g-import-not-at-top
+  from ttt_jax import checkpoint, sample  # pylint: disable=g-import-not-at-top
   from ttt_jax.data.storyboard import parse_storyboard  # pylint: disable=g-import-not-at-top
   from ttt_jax.data.video_io import to_uint8, write_mp4  # pylint: disable=g-import-not-at-top
 
@@ -220,7 +219,7 @@ def run(workdir: str, storyboards: list[str] | None = None, out: str | None = No
     raise FileNotFoundError(f"--workdir {workdir}: no such folder")
   out = cli.check_output_dir(out or os.path.join(workdir, "eval"), "--out", overwrite=True)
   stage_dir = last_stage(workdir)
-  config = saved.get_config(stage_dir)
+  config = checkpoint.load_run_config(stage_dir)
   stories = (load_stories(storyboards, config) if storyboards
              else held_out_stories(workdir, config, num_storyboards))
   seed = config.seed if seed is None else seed
