@@ -1,7 +1,8 @@
 """What the bench scripts share: raw call times, their min and median, and the matmul rate of
 the same run.
 
-Scripts time with `call_times` and report `summary` of the raw times: the min is the best the
+Scripts time with `call_times` and report `summary` of the raw times (both from
+ttt_jax/step_timing.py, which the ablation's step timing uses too): the min is the best the
 machine did (what the code can do), the median how it usually went (a wide gap says the machine
 was busy). Rates are divided by `matmul_rate`, measured in the same process, so numbers from a
 noisy shared machine compare across runs. Run the scripts from the repository root
@@ -9,32 +10,13 @@ noisy shared machine compare across runs. Run the scripts from the repository ro
 """
 from __future__ import annotations
 
-import statistics
-import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def call_times(fn: Callable[..., Any], *args: Any, repeats: int) -> tuple[float, list[float]]:
-  """(seconds of the first call, compile included; seconds of each of the next `repeats`
-  calls), each call waited for (`jax.block_until_ready`)."""
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return first, times
-
-
-def summary(times: Sequence[float], prefix: str = "") -> dict[str, float]:
-  """{prefix + 'min_s', prefix + 'median_s'} of raw call times."""
-  return {f"{prefix}min_s": min(times), f"{prefix}median_s": statistics.median(times)}
+from ttt_jax.step_timing import call_times, summary  # pylint: disable=unused-import
 
 
 def matmul_rate(lhs: Sequence[int], rhs: Sequence[int], dtype: Any = jnp.float32,

@@ -7,7 +7,7 @@
 One JSON object per case on stdout: mixer, segments, latent frames, tokens, attention
 ("local": per-segment, the paper's layout; "full": one attention over the whole video, the
 quadratic reference), parameters, compile seconds, forward and train-step milliseconds
-(median of --repeats). A train step is loss (MSE to a random target) + grad + optimizer update.
+(median and min of --repeats; ttt_jax/step_timing.py). A train step is loss (MSE to a random target) + grad + optimizer update.
 Mixers whose module cannot be imported are reported as {"mixer": ..., "skipped": reason}.
 
 Each case runs in its own process. One that has not finished after --timeout_s seconds (compile
