@@ -117,6 +117,78 @@ def _unit_lower_inverse_bwd(t, dt):
 unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
+@jax.custom_vjp
+def _within_chunk(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array
+                  ) -> tuple[jax.Array, ...]:
+  """Everything of the chunked form that needs no state, for all chunks at once.
+
+  Args: q, k `[..., chunk, key_dim]`, v `[..., chunk, value_dim]`, g and beta `[..., chunk]`.
+  Returns (w, u_prime, attn, q_decayed, k_to_end, gamma_end) as in `gated_delta_rule_chunked`.
+  The written-out VJP turns autodiff's row and column sums (of the decays, of beta) into dots:
+  XLA:CPU ran those reductions several times slower than the rest of the chunk work (issue 18).
+  """
+  return _within_chunk_fwd(q, k, v, g, beta)[0]
+
+
+def _within_chunk_fwd(q, k, v, g, beta):
+  n = k.shape[-2]
+  log_gamma = jnp.cumsum(g, axis=-1)
+  # exp only on the kept triangle: the masked differences are positive and could overflow.
+  diff = log_gamma[..., :, None] - log_gamma[..., None, :]  # [..., t, i]
+  decay = jnp.exp(jnp.where(jnp.tril(jnp.ones((n, n), bool)), diff, -jnp.inf))  # ones on diagonal
+  strict_decay = decay * _strictly_lower(n)
+  gram = jnp.einsum("...td,...id->...ti", k, k)
+  inverse = unit_lower_inverse(beta[..., None] * strict_decay * gram)
+  gamma = jnp.exp(log_gamma)
+  k_scaled = (beta * gamma)[..., None] * k
+  v_scaled = beta[..., None] * v
+  qk = jnp.einsum("...td,...id->...ti", q, k)
+  to_end = jnp.exp(log_gamma[..., -1:] - log_gamma)
+  outputs = (inverse @ k_scaled, inverse @ v_scaled, decay * qk, gamma[..., None] * q,
+             to_end[..., None] * k, gamma[..., -1])
+  return outputs, (q, k, v, beta, gamma, to_end, strict_decay, gram, qk, decay, inverse,
+                   k_scaled, v_scaled)
+
+
+def _within_chunk_bwd(residuals, cotangents):
+  (q, k, v, beta, gamma, to_end, strict_decay, gram, qk, decay, inverse, k_scaled,
+   v_scaled) = residuals
+  dw, du_prime, dattn, dq_decayed, dk_to_end, dgamma_end = cotangents
+  rows = lambda x, y: jnp.einsum("...td,...td->...t", x, y)  # sum over the last axis, as a dot
+  columns = lambda x, y: jnp.einsum("...ti,...ti->...i", x, y)
+  d_inverse = (jnp.einsum("...td,...id->...ti", dw, k_scaled)
+               + jnp.einsum("...td,...id->...ti", du_prime, v_scaled))
+  inverse_t = jnp.swapaxes(inverse, -1, -2)
+  dk_scaled, dv_scaled = inverse_t @ dw, inverse_t @ du_prime
+  (da,) = _unit_lower_inverse_bwd(inverse, d_inverse)  # A = beta * strict_decay * gram
+  masked_gram = strict_decay * gram
+  dbeta = rows(da, masked_gram) + rows(dv_scaled, v)
+  da = beta[..., None] * da
+  dgram = da * strict_decay
+  dqk = dattn * decay
+  # d log_gamma_t from the decays exp(log_gamma_t - log_gamma_i): row sums minus column sums.
+  decay_terms = (da * masked_gram, dattn * decay * qk)
+  dlog_gamma = sum(rows(x, jnp.ones_like(x)) - columns(x, jnp.ones_like(x)) for x in decay_terms)
+  dk_scaled_k = rows(dk_scaled, k)
+  dbeta = dbeta + gamma * dk_scaled_k
+  dk_to_end_k = rows(dk_to_end, k)
+  dlog_gamma = (dlog_gamma + beta * gamma * dk_scaled_k + gamma * rows(dq_decayed, q)
+                - to_end * dk_to_end_k)
+  # log_gamma_t = sum_{j<=t} g_j; the last one (in gamma_end and every to_end) reaches every g_j.
+  n = k.shape[-2]
+  dg = jnp.einsum("...t,tj->...j", dlog_gamma, jnp.tril(jnp.ones((n, n), dlog_gamma.dtype)))
+  dg = dg + (jnp.einsum("...t,...t->...", to_end, dk_to_end_k) + gamma[..., -1] * dgamma_end
+             )[..., None]
+  dq = jnp.einsum("...ti,...id->...td", dqk, k) + gamma[..., None] * dq_decayed
+  dk = (jnp.einsum("...ti,...td->...id", dqk, q)
+        + (dgram + jnp.swapaxes(dgram, -1, -2)) @ k
+        + (beta * gamma)[..., None] * dk_scaled + to_end[..., None] * dk_to_end)
+  return dq, dk, beta[..., None] * dv_scaled, dg, dbeta
+
+
+_within_chunk.defvjp(_within_chunk_fwd, _within_chunk_bwd)
+
+
 def gated_delta_rule_chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
                              beta: jax.Array, chunk_size: int) -> jax.Array:
   """The gated delta rule in chunked WY/UT form; same arguments as the recurrent one.
@@ -125,9 +197,11 @@ def gated_delta_rule_chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Ar
   written values u_t = beta_t (v_t - alpha_t S_{t-1} k_t) solve the unit lower-triangular system
   (I + A) U = diag(beta) V - diag(beta gamma) K S_0^T, A_ti = beta_t (gamma_t/gamma_i) k_t.k_i
   for i < t. So U = U' - W S_0^T with U' = T diag(beta) V, W = T diag(beta gamma) K,
-  T = (I + A)^-1 (`unit_lower_inverse`), all computed for every chunk at once; then only
-    S_C = gamma_C S_0 + U^T diag(gamma_C / gamma) K
-  (with U) runs sequentially over chunks, and
+  T = (I + A)^-1 (`unit_lower_inverse`), all computed for every chunk at once (`_within_chunk`).
+  The state after the chunk,
+    S_C = gamma_C S_0 + U^T diag(gamma_C / gamma) K = S_0 M + B,
+  is affine in S_0, so the states entering all chunks are a parallel prefix of the (M, B)
+  (`lax.associative_scan`); then
     O = diag(gamma) Q S_0^T + (tril(Q K^T) * gamma_t/gamma_i) U
   is again computed for every chunk at once. Zero padding at the end (beta = 0) leaves earlier
   outputs unchanged.
@@ -140,35 +214,23 @@ def gated_delta_rule_chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Ar
     return jnp.moveaxis(t.reshape(t.shape[0], -1, chunk, *t.shape[2:]), 3, 2)
 
   q, k, v, g, beta = (chunks(t) for t in (q, k, v, g, beta))
-  log_gamma = jnp.cumsum(g, axis=-1)  # [batch, chunks, heads, chunk]
-  # exp only on the kept triangle: the masked differences are positive and could overflow.
-  diff = log_gamma[..., :, None] - log_gamma[..., None, :]  # [..., t, i]
-  causal = jnp.tril(jnp.ones((chunk, chunk), bool))
-  strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
-  a = beta[..., None] * jnp.exp(jnp.where(strict, diff, -jnp.inf)) * jnp.einsum(
-      "...td,...id->...ti", k, k)
-  inverse = unit_lower_inverse(a)  # [..., chunk, chunk]
-  gamma = jnp.exp(log_gamma)
-  w = inverse @ ((beta * gamma)[..., None] * k)  # [..., chunk, key_dim]
-  u_prime = inverse @ (beta[..., None] * v)  # [..., chunk, value_dim]
-  attn = jnp.exp(jnp.where(causal, diff, -jnp.inf)) * jnp.einsum("...td,...id->...ti", q, k)
-  q_decayed = gamma[..., None] * q
-  k_to_end = jnp.exp(log_gamma[..., -1:] - log_gamma)[..., None] * k
-  gamma_end = gamma[..., -1]
+  w, u_prime, attn, q_decayed, k_to_end, gamma_end = _within_chunk(q, k, v, g, beta)
+  key_dim = k.shape[-1]
+  transition = (gamma_end[..., None, None] * jnp.eye(key_dim, dtype=k.dtype)
+                - jnp.einsum("...ck,...cj->...kj", w, k_to_end))
+  written = jnp.einsum("...cv,...ck->...vk", u_prime, k_to_end)
 
-  def step(s, inputs):  # s: [batch, heads, value_dim, key_dim], the state entering the chunk
-    k_c, w_c, u_prime_c, gamma_end_c = inputs
-    u = u_prime_c - jnp.einsum("bhck,bhvk->bhcv", w_c, s)
-    return gamma_end_c[..., None, None] * s + jnp.einsum("bhcv,bhck->bhvk", u, k_c), (s, u)
+  def compose(earlier, later):  # two runs of chunks as one: S -> (S M_1 + B_1) M_2 + B_2
+    return earlier[0] @ later[0], earlier[1] @ later[0] + later[1]
 
-  # Only the state runs sequentially; the outputs, which read it, come after for all chunks.
-  batch, _, heads, _, key_dim = k.shape
-  s0 = jnp.zeros((batch, heads, v.shape[-1], key_dim), v.dtype)
-  _, (states, u) = jax.lax.scan(step, s0, tuple(
-      jnp.moveaxis(t, 1, 0) for t in (k_to_end, w, u_prime, gamma_end)))
-  states, u = jnp.moveaxis(states, 0, 1), jnp.moveaxis(u, 0, 1)  # [batch, chunks, heads, ...]
+  # From S = 0, the state after chunk n is the B of chunks 0..n composed: a parallel prefix
+  # (log2(chunks) rounds of batched products) instead of one small product per chunk in turn.
+  _, after = jax.lax.associative_scan(compose, (transition, written), axis=1)
+  states = jnp.concatenate([jnp.zeros_like(after[:, :1]), after[:, :-1]], axis=1)
+  # The outputs read the states, for all chunks at once: U = U' - W S_0^T.
+  u = u_prime - jnp.einsum("bnhck,bnhvk->bnhcv", w, states)
   o = jnp.einsum("bnhck,bnhvk->bnhcv", q_decayed, states) + attn @ u
-  o = jnp.moveaxis(o, 2, 3).reshape(batch, -1, heads, o.shape[-1])
+  o = jnp.moveaxis(o, 2, 3).reshape(o.shape[0], -1, o.shape[2], o.shape[-1])
   return o[:, :seq]
 
 
