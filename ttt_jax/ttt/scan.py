@@ -11,8 +11,11 @@ Implementations that return the same numbers:
     outer gradients are JAX's autodiff: the reference for the others.
   impl="dual": the step of dual.py (inner gradient by hand, as matmuls; causal by the triangular
     "dual form", never materialising per-token weights) under lax.scan, with a custom_vjp whose
-    backward is dual.backward: mini-batches in reverse, carrying the cotangent of W_i, recomputing
-    one checkpoint group at a time from the weights saved at group starts.
+    backward is dual.backward: groups in reverse, carrying the cotangent of W_i; each group's
+    forward re-run once from the weights saved at its start, its residuals kept, then its
+    mini-batches pulled back in reverse. The scans run over [n, batch * heads, ...] with the
+    step vmapped over batch * heads, so every term is one batched matmul and the groups are cut
+    without transposes.
   impl="dual_autodiff": the same forward, differentiated by JAX through the scan and jax.checkpoint
     (the backward before dual.backward existed; bench/ttt_layer.py measures against it).
   impl="pallas": the fused kernels of pallas_kernels/ (same semantics, see that package).
@@ -57,7 +60,8 @@ def _step_grad(inner: str, causal: bool, eps: float, ln_w: jax.Array, ln_b: jax.
 
 @dataclasses.dataclass(frozen=True)
 class _DualConfig:
-  """Static arguments of the dual scan (hashable: they key its custom_vjp)."""
+  """Static arguments of the dual scan (hashable: they key its custom_vjp). Its steps take every
+  array with a leading [batch * heads] axis: one step is then a batched matmul per term."""
   inner: str
   eps: float
   group_size: int | None
@@ -69,36 +73,31 @@ class _DualConfig:
     return dual.Dots(jnp.dtype(self.matmul_dtype), jnp.dtype(self.state_dtype))
 
   def forward(self, w, ln_w, ln_b, mb):
-    return dual.forward(self.inner, w, ln_w, ln_b, mb, eps=self.eps, dots=self.dots)
+    """dual.forward over [batch * heads]: (weights after, z, residuals)."""
+    step = functools.partial(dual.forward, self.inner, eps=self.eps, dots=self.dots)
+    return jax.vmap(step)(w, ln_w, ln_b, mb)
+
+  def step(self, w, ln_w, ln_b, mb):
+    return self.forward(w, ln_w, ln_b, mb)[:2]
+
+  def backward(self, w, w_new, ln_w, ln_b, mb, res, dw_new, dz):
+    step = functools.partial(dual.backward, self.inner, dots=self.dots)
+    return jax.vmap(step)(w, w_new, ln_w, ln_b, mb, res, dw_new, dz)
+
+  def recompute_backward(self, w, ln_w, ln_b, mb, dw_new, dz):
+    step = functools.partial(dual.recompute_backward, self.inner, eps=self.eps, dots=self.dots)
+    return jax.vmap(step)(w, ln_w, ln_b, mb, dw_new, dz)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _dual_scan(cfg: _DualConfig, w0: inner_lib.Weights, ln_w: jax.Array, ln_b: jax.Array,
                xs: dual.MiniBatch) -> tuple[inner_lib.Weights, jax.Array]:
-  """impl="dual" for one head: (final weights, z [n, b, d]); xs stacked over n mini-batches."""
-  return jax.lax.scan(lambda w, mb: cfg.forward(w, ln_w, ln_b, mb)[:2], w0, xs)
+  """impl="dual": (final weights, z [n, batch * heads, b, d]).
 
-
-def _forward_collect(cfg: _DualConfig, w0, ln_w, ln_b, xs):
-  """The scan, also returning the weights before each mini-batch, stacked."""
-  def body(w, mb):
-    w_new, z = cfg.forward(w, ln_w, ln_b, mb)[:2]
-    return w_new, (z, w)
-  w_end, (z, ws) = jax.lax.scan(body, w0, xs)
-  return w_end, z, ws
-
-
-def _backprop(cfg: _DualConfig, ws, ln_w, ln_b, xs, dz, carry):
-  """Walks mini-batches in reverse through `dual.recompute_backward` (each mini-batch's
-  activations recomputed from its weights `ws`, not stacked); carry = (dW, d ln_w, d ln_b)."""
-  def body(carry, inputs):
-    dw, d_lnw, d_lnb = carry
-    w, mb, dz_i = inputs
-    dw, dlnw_i, dlnb_i, d_mb = dual.recompute_backward(cfg.inner, w, ln_w, ln_b, mb, dw, dz_i,
-                                                       eps=cfg.eps, dots=cfg.dots)
-    return (dw, d_lnw + dlnw_i, d_lnb + dlnb_i), d_mb
-
-  return jax.lax.scan(body, carry, (ws, xs, dz), reverse=True)
+  w0, ln_w, ln_b carry a leading [batch * heads] axis; xs is [n, batch * heads, b, ...]: the
+  mini-batch axis leads, so that the scans and the checkpoint groups cut it without transposes.
+  """
+  return jax.lax.scan(lambda w, mb: cfg.step(w, ln_w, ln_b, mb), w0, xs)
 
 
 def _split_groups(tree, g: int):
@@ -111,12 +110,17 @@ def _split_groups(tree, g: int):
 
 
 def _dual_scan_fwd(cfg, w0, ln_w, ln_b, xs):
+  step = lambda w, mb: cfg.step(w, ln_w, ln_b, mb)
   if cfg.group_size is None:
-    final, z, ws = _forward_collect(cfg, w0, ln_w, ln_b, xs)
-    return (final, z), (ln_w, ln_b, xs, ws)
-  # Keep only the weights at group starts; the backward recomputes one group at a time.
+    # Keep every mini-batch's starting weights.
+    def collect(w, mb):
+      w_new, z = step(w, mb)
+      return w_new, (z, w)
+
+    w, (z, ws) = jax.lax.scan(collect, w0, xs)
+    return (w, z), (ln_w, ln_b, xs, ws)
+  # Keep only the weights at group starts; the backward re-runs one group at a time.
   full, tail = _split_groups(xs, cfg.group_size)
-  step = lambda w, mb: cfg.forward(w, ln_w, ln_b, mb)[:2]
 
   def group(w, xg):
     w_end, z = jax.lax.scan(step, w, xg)
@@ -131,18 +135,49 @@ def _dual_scan_fwd(cfg, w0, ln_w, ln_b, xs):
   return (w, z), (ln_w, ln_b, xs, (ckpts, w_tail))
 
 
+def _group_backward(cfg: _DualConfig, w_start, ln_w, ln_b, xg, dzg, carry):
+  """One checkpoint group in reverse: re-run it from its starting weights, keeping each
+  mini-batch's weights and `dual.forward`'s residuals, then pull the cotangents back through
+  `dual.backward` mini-batch by mini-batch; carry = (dW, d ln_w, d ln_b).
+
+  The group's forward runs once in the backward. Its mini-batches are unrolled (groups are a few
+  mini-batches): the residuals stay values of one loop body instead of stacks that two inner
+  scans write, copy and read back.
+  """
+  mbs = [jax.tree.map(lambda a, i=i: a[i], xg) for i in range(xg.xq.shape[0])]
+  ws, res = [w_start], []
+  for mb in mbs:
+    w_new, _, res_i = cfg.forward(ws[-1], ln_w, ln_b, mb)
+    ws.append(w_new)
+    res.append(res_i)
+  dw, d_lnw, d_lnb = carry
+  d_mbs = []
+  for i in reversed(range(len(mbs))):
+    dw, dlnw_i, dlnb_i, d_mb = cfg.backward(ws[i], ws[i + 1], ln_w, ln_b, mbs[i], res[i], dw,
+                                            dzg[i])
+    d_lnw, d_lnb = d_lnw + dlnw_i, d_lnb + dlnb_i
+    d_mbs.append(d_mb)
+  return (dw, d_lnw, d_lnb), jax.tree.map(lambda *a: jnp.stack(a), *d_mbs[::-1])
+
+
 def _dual_scan_bwd(cfg, saved, cotangents):
   ln_w, ln_b, xs, rest = saved
   dw, dz = cotangents
   carry = (dw, jnp.zeros_like(ln_w), jnp.zeros_like(ln_b))
   if cfg.group_size is None:
-    (dw, d_lnw, d_lnb), dxs = _backprop(cfg, rest, ln_w, ln_b, xs, dz, carry)
+    # Each mini-batch's activations recomputed from its saved starting weights.
+    def body(carry, inputs):
+      dw, d_lnw, d_lnb = carry
+      w, mb, dz_i = inputs
+      dw, dlnw_i, dlnb_i, d_mb = cfg.recompute_backward(w, ln_w, ln_b, mb, dw, dz_i)
+      return (dw, d_lnw + dlnw_i, d_lnb + dlnb_i), d_mb
+
+    (dw, d_lnw, d_lnb), dxs = jax.lax.scan(body, carry, (rest, xs, dz), reverse=True)
     return dw, d_lnw, d_lnb, dxs
 
   def group(carry, inputs):
     w_start, xg, dzg = inputs
-    ws = _forward_collect(cfg, w_start, ln_w, ln_b, xg)[2]
-    return _backprop(cfg, ws, ln_w, ln_b, xg, dzg, carry)
+    return _group_backward(cfg, w_start, ln_w, ln_b, xg, dzg, carry)
 
   ckpts, w_tail = rest
   full, tail = _split_groups(xs, cfg.group_size)
@@ -223,7 +258,8 @@ def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.A
     causal: within-mini-batch causal read-out (language models) instead of W_i for all (video).
     impl: "grad", "dual", "dual_autodiff" or "pallas" (same numbers; see the module docstring).
     checkpoint_group_size: rematerialise every this many mini-batches in the backward pass;
-      None keeps every mini-batch's residuals (impl="dual": its starting weights).
+      None keeps every mini-batch's residuals (impl="dual": its starting weights). impl="dual"
+      unrolls a group in its backward, so compile time grows with it (16: about twice 4's).
     eps: inner LayerNorm epsilon (the reference uses 1e-8).
     matmul_dtype: operand dtype of the inner matmuls for the dual and pallas impls, e.g.
       jnp.bfloat16 (the MXU's and tensor cores' rate); the inner state, the statistics and the
@@ -265,6 +301,20 @@ def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.A
   to_mb = lambda a: a.reshape(batch, heads, n_mb, mini_batch_size, d)
   xs = dual.MiniBatch(*map(to_mb, (xq, xk, xv)), *dual.eta_inputs(eta, mini_batch_size, causal))
   w0 = {k: params[k] for k in inner_lib.WEIGHT_KEYS[inner]}
+  cfg = _DualConfig(inner, float(eps), checkpoint_group_size,
+                    jnp.dtype(matmul_dtype or dtype).name, jnp.dtype(dtype).name)
+
+  if impl == "dual":
+    # [batch, heads, n, ...] -> [n, batch * heads, ...]; W0 and the LayerNorm broadcast over the
+    # batch (autodiff sums their cotangents back).
+    lead = lambda a: jnp.moveaxis(a, 2, 0).reshape(n_mb, batch * heads, *a.shape[3:])
+    per_bh = lambda a: jnp.broadcast_to(a, (batch, *a.shape)).reshape(batch * heads, *a.shape[1:])
+    final, z = _dual_scan(cfg, jax.tree.map(per_bh, w0), per_bh(params["ln_weight"]),
+                          per_bh(params["ln_bias"]), jax.tree.map(lead, xs))
+    final = jax.tree.map(lambda a: a.reshape(batch, heads, *a.shape[1:]), final)
+    z = jnp.moveaxis(z.reshape(n_mb, batch, heads, mini_batch_size, d), 0, 2)
+    z = z.reshape(batch, heads, n_mb * mini_batch_size, d)[:, :, :seq]
+    return z.astype(out_dtype), final
 
   def per_head(w, ln_w, ln_b, mbs):
     if impl == "grad":
@@ -272,11 +322,7 @@ def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.A
       eta_grad = mbs.eta_mat if causal else mbs.eta_col[..., 0]
       step = functools.partial(_step_grad, inner, causal, eps, ln_w, ln_b)
       return _scan_groups(step, w, (mbs.xq, mbs.xk, mbs.xv, eta_grad), checkpoint_group_size)
-    cfg = _DualConfig(inner, float(eps), checkpoint_group_size,
-                      jnp.dtype(matmul_dtype or dtype).name, jnp.dtype(dtype).name)
-    if impl == "dual":
-      return _dual_scan(cfg, w, ln_w, ln_b, mbs)
-    step = lambda w_, mb: cfg.forward(w_, ln_w, ln_b, mb)[:2]
+    step = lambda w_, mb: dual.step(inner, w_, ln_w, ln_b, mb, eps=cfg.eps, dots=cfg.dots)
     return _scan_groups(step, w, mbs, checkpoint_group_size)
 
   over_heads = jax.vmap(per_head, in_axes=(0, 0, 0, 0))
