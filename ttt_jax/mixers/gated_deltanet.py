@@ -227,9 +227,10 @@ def gated_delta_rule_chunked(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Ar
   # (log2(chunks) rounds of batched products) instead of one small product per chunk in turn.
   _, after = jax.lax.associative_scan(compose, (transition, written), axis=1)
   states = jnp.concatenate([jnp.zeros_like(after[:, :1]), after[:, :-1]], axis=1)
-  # The outputs read the states, for all chunks at once: U = U' - W S_0^T.
-  u = u_prime - jnp.einsum("bnhck,bnhvk->bnhcv", w, states)
-  o = jnp.einsum("bnhck,bnhvk->bnhcv", q_decayed, states) + attn @ u
+  # The outputs read the states, for all chunks at once. With U = U' - W S_0^T,
+  # O = (diag(gamma) Q - attn W) S_0^T + attn U': a [chunk, key_dim] product in place of U's
+  # [chunk, value_dim] one.
+  o = jnp.einsum("bnhck,bnhvk->bnhcv", q_decayed - attn @ w, states) + attn @ u_prime
   o = jnp.moveaxis(o, 2, 3).reshape(o.shape[0], -1, o.shape[2], o.shape[-1])
   return o[:, :seq]
 
