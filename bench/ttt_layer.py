@@ -2,6 +2,8 @@
 
   python bench/ttt_layer.py [--heads 2] [--seqs 1024,4096] [--batch 1] [--repeats 3]
       [--impls grad,dual_autodiff,dual] [--causal false,true] [--memory_seqs 4096,16384,65536]
+      [--mini_batch_size 24 --checkpoint_group_size 4]   (the toy job's TTT-MLP: add --batch 8
+      --head_dim 32)
 
 Per case: tokens/s forward and forward+backward and their ratio; achieved FLOP/s over the FLOP/s
 of a dense jnp.dot measured in the same process (`fraction_of_matmul`, so numbers from a noisy
@@ -23,6 +25,10 @@ import jax.numpy as jnp
 from common import call_times, matmul_rate, summary
 
 from ttt_jax.ttt import init_params, ttt_scan
+
+
+# The paper's training mini-batch sizes.
+_PAPER_MINI_BATCH = {"mlp": 64, "linear": 16}
 
 
 def _peak_bytes(fn, *args) -> int:
@@ -114,6 +120,8 @@ def main(argv=None):
                       help="comma-separated lengths for compile-only fwd+bwd footprint rows")
   parser.add_argument("--no_attention", action="store_true")
   parser.add_argument("--inners", default="mlp,linear")
+  parser.add_argument("--mini_batch_size", type=int, default=None,
+                      help="tokens per inner step; default the paper's 64 (MLP) / 16 (Linear)")
   parser.add_argument("--checkpoint_group_size", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args(argv)
@@ -124,7 +132,7 @@ def main(argv=None):
                     "device": jax.devices()[0].device_kind}), flush=True)
   for seq in map(int, args.seqs.split(",")):
     for inner in args.inners.split(","):
-      mb = 64 if inner == "mlp" else 16  # the paper's training mini-batch sizes
+      mb = args.mini_batch_size or _PAPER_MINI_BATCH[inner]
       for causal, impl in itertools.product(causals, args.impls.split(",")):
         print(json.dumps(bench_ttt(inner, impl, causal, args.batch, args.heads, seq,
                                    args.head_dim, mb, args.checkpoint_group_size, args.repeats,
@@ -134,7 +142,7 @@ def main(argv=None):
                                        rate)), flush=True)
   for seq in (int(s) for s in args.memory_seqs.split(",") if s):
     for inner in args.inners.split(","):
-      mb = 64 if inner == "mlp" else 16
+      mb = args.mini_batch_size or _PAPER_MINI_BATCH[inner]
       for causal, impl in itertools.product(causals, args.impls.split(",")):
         print(json.dumps(ttt_memory(inner, impl, causal, args.batch, args.heads, seq,
                                     args.head_dim, mb, args.checkpoint_group_size)), flush=True)

@@ -1,8 +1,9 @@
 """One TTT mini-batch in the dual form: the forward and its hand-derived backward, as matmuls.
 
 The one written-out step. `scan.py` (impl="dual") runs it under lax.scan with a custom_vjp whose
-backward is `recompute_backward` below; `pallas_kernels/` runs the same functions inside its
-kernels, and both cut eta into mini-batches with `eta_inputs`. Pure jax: it imports nothing else
+backward is `backward` below (on the residuals of a checkpoint group's re-run `forward`);
+`pallas_kernels/` runs the same functions inside its kernels (`recompute_backward`), and both cut
+eta into mini-batches with `eta_inputs`. Pure jax: it imports nothing else
 of ttt_jax, so the kernels may import it.
 
 One head, one mini-batch of b tokens (../shared/PAPER.md, "TTT layer"). Layer l has key-side input
@@ -335,9 +336,8 @@ def recompute_backward(inner: str, w: Weights, ln_w: jax.Array, ln_b: jax.Array,
                        dots: Dots) -> tuple[Weights, jax.Array, jax.Array, MiniBatch]:
   """`backward` of one mini-batch, its `forward` recomputed from w, the weights before it.
 
-  Recomputing beats keeping the residuals: on CPU, writing and re-reading [b, 4d] activations
-  per mini-batch costs more than the matmuls that recompute them, and in the kernels they would
-  not fit on chip. Returns what `backward` returns.
+  For the kernels, where a group's residuals would not fit on chip, and for scan.py without
+  checkpoint groups. Returns what `backward` returns.
   """
   w_new, _, res = forward(inner, w, ln_w, ln_b, mb, eps=eps, dots=dots)
   return backward(inner, w, w_new, ln_w, ln_b, mb, res, dw_new, dz, dots=dots)
