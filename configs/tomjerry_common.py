@@ -57,9 +57,13 @@ def stage_config(seconds: int, arg=None) -> ml_collections.ConfigDict:
       mixer=args["mixer"],             # configs/mixers.py: none | swa | mamba2 | ... | ttt_mlp
       mixer_gate_init=0.1,             # tanh(alpha), tanh(beta) gates start near 0.1
       mixer_options=mixer_options(args["mixer"], runlocal),
+      # True = "full": each block recomputed in the backward pass. Other policies
+      # (ttt_jax/models/dit.REMAT_POLICIES) through `python -m ttt_jax.plan --remat=NAME`; a bool
+      # here because configs built on this one (configs/toy.py) set remat=False.
       remat=True,
+      remat_every_k_layers=1,          # k > 1: keep every k-th block input only
       # "xla" holds a segment's whole [18k x 18k] x 48-head scores in the backward pass (about
-      # 62 GB of float32 per sample at 3 s: bench/aot_compile.py); "chunked" holds 512 rows.
+      # 62 GB of float32 per sample at 3 s: ttt_jax/plan.py); "chunked" holds 512 rows.
       attention_impl="xla",
       dtype="bfloat16",                # compute; parameters stay float32
   ))
@@ -98,6 +102,9 @@ def stage_config(seconds: int, arg=None) -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=steps,
       batch_size=64,                   # global
+      # Micro-batches a step (gradient accumulation); 0: global batch / (data x fsdp), one
+      # sample a chip per micro-batch, what a 3 s sample of the 5B DiT fits (ttt_jax/plan.py).
+      grad_accum_steps=0,
       # Stage 1 trains everything: mixers + gates on a cosine from 1e-4 to lr_end = 1e-5, the
       # rest at 1e-5 (its cosine from 1e-5 to 1e-5 is constant), as the reference. Later stages
       # train the mixers, gates and attention q/k/v/o (+ q/k norms) at a constant 1e-5.
@@ -125,5 +132,7 @@ def stage_config(seconds: int, arg=None) -> ml_collections.ConfigDict:
                         dtype="bfloat16" if args["bf16"] else "float32"))
     c.vae.tiling = False
     c.sampling.num_steps = 4
-    c.train.update(dict(steps=4, batch_size=2, warmup_steps=1, checkpoint_every=2, log_every=1))
+    # One micro-batch: the toy job's stages (built on runlocal) step their whole small batch.
+    c.train.update(dict(steps=4, batch_size=2, warmup_steps=1, checkpoint_every=2, log_every=1,
+                        grad_accum_steps=1))
   return c

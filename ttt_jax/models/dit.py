@@ -57,6 +57,30 @@ MixerFactory = Callable[..., nnx.Module | None]
 _STREAM = ("activation_batch", "activation_length", "activation_embed")
 
 
+# What a block saves for the backward pass (`jax.checkpoint` policies), by `DiTConfig.remat`:
+#   none       everything (no recomputation; the most memory)
+#   full       only the block's input; the whole block is recomputed
+#   save_dots  also the outputs of matmuls without batch dimensions (the projections and the
+#              MLP), not attention's [queries x keys] scores, which are quadratic in length
+#   offload    what save_dots saves, moved to pinned host memory (TPU/GPU hosts; the CPU
+#              backend compiles it too, its "host" being the same memory)
+REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+
+
+def remat_policy(remat: bool | str) -> str:
+  """`DiTConfig.remat` as a REMAT_POLICIES name (True and False are the old "full", "none")."""
+  name = {True: "full", False: "none"}[remat] if isinstance(remat, bool) else remat
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat={remat!r}: one of {', '.join(REMAT_POLICIES)} "
+                     "(or True/False)")
+  return name
+
+
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
   """Backbone hyper-parameters (diffusers names where they exist) and the mixer fields."""
@@ -97,7 +121,8 @@ class DiTConfig:
   attention_impl: str = "xla"        # "chunked": memory linear in segment length (any
                                      # backend); "cudnn": fused attention on NVIDIA GPUs
   attention_query_chunk: int = 512   # queries per chunk of "chunked"
-  remat: bool = True                 # recompute each block in the backward pass
+  remat: bool | str = True           # REMAT_POLICIES name; True = "full", False = "none"
+  remat_every_k_layers: int = 1      # k > 1: save only every k-th block's input (below)
   dtype: str | None = None           # compute dtype (params stay float32)
 
   @property
@@ -445,15 +470,28 @@ class DiT(nnx.Module):
     return out.reshape(batch, frames, -1, height, width)
 
   def _run_blocks(self, x: jax.Array, temb: jax.Array, ctx: _Context) -> jax.Array:
-    def body(block: DiTBlock, h: jax.Array) -> jax.Array:
-      return block(h, temb, ctx)
+    """The blocks as one `lax.scan` over groups of k = remat_every_k_layers blocks, each group a
+    scan over its k blocks. Each block is rematerialised by `remat`'s policy; with k > 1 the
+    group is too, saving nothing but its input: the forward pass keeps num_layers / k block
+    inputs, and the backward pass of a group k more (sqrt(num_layers) checkpointing), for one
+    more forward of every block."""
+    cfg = self.config
+    k, policy = cfg.remat_every_k_layers, REMAT_POLICIES[remat_policy(cfg.remat)]
+    if k < 1 or cfg.num_layers % k:
+      raise ValueError(f"config.model.remat_every_k_layers={k} does not divide num_layers="
+                       f"{cfg.num_layers}")
+    graphdef, state = nnx.split(self.blocks)
+    groups = jax.tree.map(lambda a: a.reshape(cfg.num_layers // k, k, *a.shape[1:]), state)
 
-    if self.config.remat:
-      body = nnx.remat(body)
+    def block(h: jax.Array, layer: nnx.State) -> tuple[jax.Array, None]:
+      return nnx.merge(graphdef, layer)(h, temb, ctx), None
 
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
-              transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def scan_layers(h: jax.Array, block: DiTBlock) -> jax.Array:
-      return body(block, h)
+    if policy is not None:
+      block = jax.checkpoint(block, policy=policy)
 
-    return scan_layers(x, self.blocks)
+    def group(h: jax.Array, layers: nnx.State) -> tuple[jax.Array, None]:
+      return jax.lax.scan(block, h, layers)
+
+    if k > 1 and policy is not None:
+      group = jax.checkpoint(group, policy=jax.checkpoint_policies.nothing_saveable)
+    return jax.lax.scan(group, x, groups)[0]
