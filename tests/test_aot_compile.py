@@ -1,4 +1,4 @@
-"""bench/aot_compile.py compiles the train step for a TPU slice on this CPU host (libtpu as a
+"""`python -m ttt_jax.plan` compiles the train step for a TPU slice on this CPU host (libtpu as a
 compiler only; skipped without the "tpu" extra)."""
 import json
 import os
@@ -10,21 +10,42 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_aot_compile_runlocal_bf16_for_a_v5p_8():
+def test_plan_runlocal_bf16_for_a_v5p_8():
   pytest.importorskip("libtpu")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # Global batch 8 over fsdp=4 with grad_accum_steps=0: 2 micro-batches of one sample a chip.
   out = subprocess.run(
-      [sys.executable, "bench/aot_compile.py", "--config=configs/tomjerry_3s.py:runlocal,bf16",
-       "--topology=v5p-8", "--config.mesh.data=1", "--config.mesh.fsdp=4"],
+      [sys.executable, "-m", "ttt_jax.plan", "--config=configs/tomjerry_3s.py:runlocal,bf16",
+       "--topology=v5p-8", "--mesh.fsdp=4", "--remat=save_dots", "--config.train.batch_size=8",
+       "--config.train.grad_accum_steps=0"],
       cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
       timeout=600, check=True)
   r = json.loads(out.stdout.strip().splitlines()[-1])
-  assert r["devices"] == 4 and r["mesh"]["fsdp"] == 4 and r["fits"]
+  for key in ("params", "trainable_params", "devices", "mesh", "per_device_bytes", "hbm_bytes",
+              "fits", "flops_per_step", "compile_seconds"):
+    assert key in r, key
+  assert r["devices"] == 4 and r["mesh"] == {"data": 1, "fsdp": 4, "context": 1, "tensor": 1}
+  assert r["fits"] and r["hbm_bytes"] == 95 * 2**30 and r["topology"] == "v5p-8"
+  assert r["grad_accum_steps"] == 2 and r["remat"] == "save_dots" and r["dtype"] == "bfloat16"
   assert r["params"] == r["trainable_params"] > 0   # stage 1 trains everything
   # Arguments per chip hold at least a quarter of the float32 parameters and their two AdamW
   # moments (sharded at most 4 ways). No tight upper bound at this size: TPU layouts pad small
   # arrays to (8, 128) tiles (807 kB here for 724 kB of state).
-  assert 3 * 4 * r["params"] / 4 <= r["argument_bytes"]
+  assert 3 * 4 * r["params"] / 4 <= r["argument_bytes"] < 2 * 3 * 4 * r["params"] / 4 + 2**20
   assert r["per_device_bytes"] == (r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"]
                                    - r["alias_bytes"])
-  assert r["flops_per_step"] > 0
+  assert r["flops_per_step"] > 0 and r["compile_seconds"] > 0
+
+
+def test_plan_refuses_a_batch_that_would_be_replicated():
+  pytest.importorskip("libtpu")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run(
+      [sys.executable, "-m", "ttt_jax.plan", "--config=configs/tomjerry_3s.py:runlocal,bf16",
+       "--topology=v5p-8", "--mesh.fsdp=4"],
+      cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines()[-1] == (
+      "python -m ttt_jax.plan: error: config.train.batch_size=2 in 1 micro-batch(es) "
+      "(train.grad_accum_steps) of 2 does not split over data x fsdp = 4 devices: the batch "
+      "would be replicated; make the micro-batch a multiple of 4")
