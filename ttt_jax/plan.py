@@ -22,10 +22,11 @@ layers, micro-batches and chunked attention are undercounted: 2.8e13 for the 3 s
 peak_host_rss_bytes. A step over HBM does not compile for TPU: then fits is false,
 per_device_bytes null, and temp_bytes is what the compiler said its temporaries need.
 
-Measured: tomjerry_3s, 42 layers, v5p-128 (64 chips), fsdp=64, global batch
-64 (1 sample a chip), chunked attention, remat full: 38.6 GiB a chip, fits 95 GiB; compile
-825 s, host RSS 5.1 GB. attention_impl=xla with 2 layers already needs 71.6 GiB: a segment's
-float32 scores (18k x 18k x 48 heads, ~62 GB) in the backward pass.
+Measured (README "Plan"): tomjerry_3s, 42 layers, v5p-128 (64 chips), fsdp=64, global batch
+64 (1 sample a chip, 1 micro-batch), chunked attention, remat full: 24.27 GiB a chip (temps
+23.8 GB, arguments 2.2 GB), fits 95 GiB; compile 1069 s, host RSS 7.6 GB. attention_impl=xla
+with 2 layers already needs 71.6 GiB: a segment's float32 scores (18k x 18k x 48 heads, ~62 GB)
+in the backward pass.
 """
 from __future__ import annotations
 
