@@ -19,6 +19,7 @@ import ml_collections
 
 from configs.arguments import parse_arguments
 from configs.mixers import mixer_options
+from ttt_jax.data.features import latent_frames
 
 # seconds -> (steps, previous stage): the reference's TTT-MLP runs. The paper says 500-1000
 # steps at 30 s; the reference trains 1000.
@@ -43,8 +44,8 @@ def stage_config(seconds: int, arg=None) -> ml_collections.ConfigDict:
   c.runlocal = runlocal
   c.seed = 0
   c.segments = seconds // 3            # 3-second segments, each with its own text block
-  c.latent_frames = 1 + 12 * c.segments  # 12 per segment + the first frame: 13 ... 253
   c.fps = 16
+  c.latent_frames = latent_frames(c.segments, c.fps)  # 13, 37, 73, 121, 253
   c.height, c.width = 480, 720         # pixels; latent 60 x 90, 1350 tokens per latent frame
 
   text_length = (RUNLOCAL_TEXT_LENGTH if runlocal else TEXT_LENGTH)[seconds]

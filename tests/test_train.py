@@ -15,6 +15,7 @@ from flax import nnx, traverse_util
 
 from configs import tomjerry_3s, tomjerry_9s, tomjerry_18s, tomjerry_30s, tomjerry_63s
 from ttt_jax import checkpoint, train
+from ttt_jax.data import features
 from ttt_jax.parallel import mesh as mesh_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,8 +31,8 @@ class FakeLoader:
   def batch(self, step, rows=None):
     c = self.c
     rng = np.random.default_rng([7, step])
-    lat = rng.normal(size=(c.train.batch_size, 1 + 12 * c.segments, c.model.in_channels,
-                           c.height // 8, c.width // 8)).astype(np.float32)
+    lat = rng.normal(size=(c.train.batch_size, features.latent_frames(c.segments, c.fps),
+                           c.model.in_channels, c.height // 8, c.width // 8)).astype(np.float32)
     if step == self.nan_at:
       lat[0, 0, 0, 0, 0] = np.nan
     text = rng.normal(size=(c.train.batch_size, c.segments, c.text.max_length,
