@@ -72,6 +72,14 @@ def _psnr(video: np.ndarray, truth: np.ndarray) -> float:
   return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
 
 
+def _train_with_curve(stage, workdir: str, points: int) -> tuple[dict, list[float], list[float]]:
+  """Trains `stage` in WORKDIR/train; (train's result, the losses, their means in `points` parts)."""
+  out = train.train(stage, os.path.join(workdir, "train"), mesh=toy_job._mesh(stage))  # pylint: disable=protected-access
+  losses = toy_job._read_losses(out["workdir"])  # pylint: disable=protected-access
+  k = max(1, len(losses) // points)
+  return out, losses, [round(float(np.mean(losses[i:i + k])), 4) for i in range(0, len(losses), k)]
+
+
 def stage1(args, overfit: bool) -> dict:
   config = toy.get_config()
   for item in args.top:
@@ -98,11 +106,8 @@ def stage1(args, overfit: bool) -> dict:
     precompute(stage, dataset.data_path, latents, "train")
   stage.data.latents = latents
   prepared = time.perf_counter()
-  out = train.train(stage, os.path.join(workdir, "train"), mesh=toy_job._mesh(stage))  # pylint: disable=protected-access
+  out, losses, curve = _train_with_curve(stage, workdir, 8)
   trained = time.perf_counter()
-  losses = toy_job._read_losses(out["workdir"])  # pylint: disable=protected-access
-  k = max(1, len(losses) // 8)
-  curve = [round(float(np.mean(losses[i:i + k])), 4) for i in range(0, len(losses), k)]
   stories = (toy_job._stories(dataset, "train") if overfit  # pylint: disable=protected-access
              else toy_job._stories(dataset, "test")[:args.eval])  # pylint: disable=protected-access
   scores = []
@@ -169,11 +174,8 @@ def stage2(args) -> dict:
       checkpoint.save_params(os.path.join(backbone, "params"), params)
     stage.init_from = backbone
   start = time.perf_counter()
-  out = train.train(stage, os.path.join(workdir, "train"), mesh=toy_job._mesh(stage))  # pylint: disable=protected-access
+  out, losses, curve = _train_with_curve(stage, workdir, 5)
   trained = time.perf_counter()
-  losses = toy_job._read_losses(out["workdir"])  # pylint: disable=protected-access
-  k = max(1, len(losses) // 5)
-  curve = [round(float(np.mean(losses[i:i + k])), 4) for i in range(0, len(losses), k)]
   per_segment = _score_per_segment(stage, os.path.join(out["workdir"], "model"),
                                    toy_job._stories(dataset, "test"), workdir)  # pylint: disable=protected-access
   return dict(mode="stage2", workdir=workdir, from_run=source, fresh_mixer=args.fresh_mixer,
