@@ -148,6 +148,7 @@ def _score_per_segment(stage, model_dir: str, stories, workdir: str) -> dict:
 
 def stage2(args) -> dict:
   from ttt_jax import checkpoint
+  from ttt_jax.models.dit_convert import is_new_param
   source = os.path.abspath(args.from_run)
   workdir = os.path.abspath(args.workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -170,7 +171,7 @@ def stage2(args) -> dict:
     if not os.path.isdir(os.path.join(backbone, "params")):
       params = checkpoint.load_params(checkpoint.params_dir(stage.init_from))
       params["blocks"] = {k: v for k, v in params["blocks"].items()
-                          if k not in ("mixer", "alpha", "beta")}
+                          if not is_new_param(("blocks", k))}
       checkpoint.save_params(os.path.join(backbone, "params"), params)
     stage.init_from = backbone
   start = time.perf_counter()
