@@ -5,7 +5,8 @@
 
 --workdir is a toy job's workdir (python -m ttt_jax.train --config=configs/toy.py); its last
 stage (the one trained on the most segments, stages/<stage>/model) is sampled through
-`sample.Sampler`, the toy job's own sampler, with the stage's saved config (configs/saved.py).
+`sample.Sampler`, the toy job's own sampler, with the stage's saved config
+(checkpoint.load_run_config).
 
 Storyboards: by default the toy_toons test split of that stage's dataset (never trained on), or,
 with --num_storyboards=N, its first N stories: test stories beyond the split's size come from the
