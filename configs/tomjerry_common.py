@@ -122,6 +122,9 @@ def stage_config(seconds: int, arg=None) -> ml_collections.ConfigDict:
       checkpoint_every=250, keep_checkpoints=3, log_every=10,
       profile_steps=0,                 # >0: a jax.profiler trace of that many steps (clu)
       loss_weighting="snr_plus_one",   # CogVideoX's v-prediction weighting
+      # Timesteps are CogVideoX's uniform draw; a share `high_t_fraction` of them is drawn from
+      # [high_t_from, 1000) instead (diffusion.sample_timesteps says why one would).
+      high_t_fraction=0.0, high_t_from=0,
   ))
 
   if runlocal:

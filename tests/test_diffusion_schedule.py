@@ -143,3 +143,19 @@ def test_sample_timesteps_is_uniform_over_training_range():
   assert int(t.min()) == 0 and int(t.max()) == 999
   assert float(jnp.mean(t)) == pytest.approx(499.5, abs=6.0)  # std of the mean ~2.0
   np.testing.assert_array_equal(t, sch.sample_timesteps(jax.random.key(0), 20000, schedule))
+
+
+def test_sample_timesteps_draws_a_share_from_the_high_range():
+  schedule = sch.make_schedule()
+  t = np.asarray(sch.sample_timesteps(jax.random.key(1), 40000, schedule, 0.5, 800))
+  # Half uniform over [0, 1000), half uniform over [800, 1000): P(t >= 800) = 0.5 * 0.2 + 0.5.
+  assert np.mean(t >= 800) == pytest.approx(0.6, abs=0.015)
+  assert t.min() == 0 and t.max() == 999
+  # Below 800 only the uniform half draws: flat, 0.5 / 1000 a timestep.
+  assert np.mean(t < 400) == pytest.approx(0.2, abs=0.01)
+  all_high = np.asarray(sch.sample_timesteps(jax.random.key(1), 1000, schedule, 1.0, 950))
+  assert all_high.min() >= 950
+  with pytest.raises(ValueError, match="high_fraction"):
+    sch.sample_timesteps(jax.random.key(1), 4, schedule, 1.5, 0)
+  with pytest.raises(ValueError, match="high_from"):
+    sch.sample_timesteps(jax.random.key(1), 4, schedule, 0.5, 1000)

@@ -291,7 +291,8 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, null_text: 
     so that each device holds B/(A x data x fsdp) rows of every micro-batch."""
     x0 = batch["latents"]
     t_rng, n_rng, d_rng = jax.random.split(rng, 3)
-    full = {**batch, "t": diffusion.sample_timesteps(t_rng, x0.shape[0], schedule),
+    full = {**batch, "t": diffusion.sample_timesteps(
+                t_rng, x0.shape[0], schedule, train.high_t_fraction, train.high_t_from),
             "noise": jax.random.normal(n_rng, x0.shape, jnp.float32),
             "drop": jax.random.uniform(d_rng, (x0.shape[0],)) < train.text_dropout}
     def cut(x):

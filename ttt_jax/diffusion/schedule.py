@@ -121,6 +121,23 @@ def v_prediction_loss(schedule: NoiseSchedule, v_pred, x0, noise, t,
   return jnp.mean(weights * per_example)
 
 
-def sample_timesteps(rng: jax.Array, batch: int, schedule: NoiseSchedule) -> jax.Array:
-  """Training timesteps, uniform over {0, ..., num_train_timesteps - 1}: int32 [batch]."""
-  return jax.random.randint(rng, (batch,), 0, schedule.num_train_timesteps, dtype=jnp.int32)
+def sample_timesteps(rng: jax.Array, batch: int, schedule: NoiseSchedule,
+                     high_fraction: float = 0.0, high_from: int = 0) -> jax.Array:
+  """Training timesteps: int32 [batch].
+
+  Uniform over {0, ..., num_train_timesteps - 1} (CogVideoX's), except that a `high_fraction`
+  share of the batch, in expectation, is drawn uniformly from {high_from, ..., T - 1} instead:
+  what a video's later segments can only learn from its first one's text (long-range memory)
+  is needed only at the noisiest steps, where their own frames do not show it yet.
+  """
+  if not 0.0 <= high_fraction <= 1.0:
+    raise ValueError(f"high_fraction must be in [0, 1], got {high_fraction}")
+  if not 0 <= high_from < schedule.num_train_timesteps:
+    raise ValueError(f"high_from must be in [0, {schedule.num_train_timesteps}), got {high_from}")
+  if high_fraction == 0.0:
+    return jax.random.randint(rng, (batch,), 0, schedule.num_train_timesteps, dtype=jnp.int32)
+  u_rng, h_rng, c_rng = jax.random.split(rng, 3)
+  t = jax.random.randint(u_rng, (batch,), 0, schedule.num_train_timesteps, dtype=jnp.int32)
+  high = jax.random.randint(h_rng, (batch,), high_from, schedule.num_train_timesteps,
+                            dtype=jnp.int32)
+  return jnp.where(jax.random.uniform(c_rng, (batch,)) < high_fraction, high, t)
