@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import toy
-from ttt_jax import sample, toy_job, train
+from ttt_jax import sample, toy_job, training
 from ttt_jax.data import toy_toons
 from ttt_jax.data.builders import toy_toons as builder
 from ttt_jax.data.precompute import precompute
@@ -74,7 +74,7 @@ def _psnr(video: np.ndarray, truth: np.ndarray) -> float:
 
 def _train_with_curve(stage, workdir: str, points: int) -> tuple[dict, list[float], list[float]]:
   """Trains `stage` in WORKDIR/train; (train's result, the losses, their means in `points` parts)."""
-  out = train.train(stage, os.path.join(workdir, "train"), mesh=toy_job._mesh(stage))  # pylint: disable=protected-access
+  out = training.train(stage, os.path.join(workdir, "train"), mesh=toy_job._mesh(stage))  # pylint: disable=protected-access
   losses = toy_job._read_losses(out["workdir"])  # pylint: disable=protected-access
   k = max(1, len(losses) // points)
   return out, losses, [round(float(np.mean(losses[i:i + k])), 4) for i in range(0, len(losses), k)]

@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from configs.mixers import MIXER_OPTIONS
-from test_train import FakeLoader  # pylint: disable=g-bad-import-order
-from ttt_jax import train
+from test_training_loop import FakeLoader  # pylint: disable=g-bad-import-order
+from ttt_jax import training
 from ttt_jax.mixers import MIXERS, build_mixer, count_params
 from ttt_jax.parallel import mesh as mesh_lib
 
@@ -96,15 +96,15 @@ def test_swa_window_is_8192_tokens_and_about_six_frames_locally():
 @pytest.mark.parametrize("mixer", [m for m in MIXERS if m != "ttt_mlp"])
 def test_every_stage_trains_and_hands_off_with(mixer, tmp_path):
   """Each stage's `:runlocal,mixer=<name>` trains two steps from the previous stage's
-  parameters (ttt_mlp, the default, is test_train's sequence)."""
+  parameters (ttt_mlp, the default, is test_training_loop's sequence)."""
   previous = None
   for seconds in STAGES:
     c = _load(seconds, f"runlocal,mixer={mixer}")
     c.train.update(steps=2, checkpoint_every=2)
     if previous:
       c.init_from = previous
-    out = train.train(c, str(tmp_path / c.stage), loader=FakeLoader(c),
-                      mesh=mesh_lib.make_mesh(devices=jax.devices()[:1]))
+    out = training.train(c, str(tmp_path / c.stage), loader=FakeLoader(c),
+                         mesh=mesh_lib.make_mesh(devices=jax.devices()[:1]))
     assert out["step"] == 2 and np.isfinite(out["last"]["loss"]), (seconds, out)
     assert out["initialised_fresh"] == []
     previous = out["workdir"]

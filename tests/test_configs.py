@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs.arguments import parse_arguments
-from ttt_jax import train
+from ttt_jax import training
 from ttt_jax.mixers import MIXERS
 from ttt_jax.models.dit import DiTConfig
 from ttt_jax.models.vae import VAEConfig
@@ -69,7 +69,7 @@ RECIPE = {
 
 
 def _schedule(cfg, peak):
-  fn = train.schedule_fn(cfg.train, peak)
+  fn = training.schedule_fn(cfg.train, peak)
   warmup, steps = cfg.train.warmup_steps, cfg.train.steps
   return [float(fn(s)) for s in (0, warmup, warmup + (steps - warmup) // 2, steps)]
 

@@ -13,8 +13,8 @@ import pytest
 from flax import nnx
 
 from configs import tomjerry_3s
-from tests.test_train import FakeLoader
-from ttt_jax import train
+from tests.test_training_loop import FakeLoader
+from ttt_jax import training
 from ttt_jax.parallel import mesh as mesh_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,11 +22,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _step_once(c, mesh):
   """(metrics, optimizer state) after one train step from the initial state on `mesh`."""
-  setup = train.build_setup(c, mesh)
+  setup = training.build_setup(c, mesh)
   loader = FakeLoader(c)
-  shardings, rows = train.batch_shardings(c, mesh)
-  batch = train.global_batch(loader, 0, c.train.batch_size, shardings, rows)
-  step = train.make_train_step(c, setup, loader.null_text, shardings)
+  shardings, rows = training.batch_shardings(c, mesh)
+  batch = training.global_batch(loader, 0, c.train.batch_size, shardings, rows)
+  step = training.make_train_step(c, setup, loader.null_text, shardings)
   state, metrics = step(setup.state(setup.init(c.seed)), batch, jnp.asarray(0, jnp.int32))
   return jax.device_get(metrics), jax.device_get(nnx.to_pure_dict(state)[1])
 
@@ -55,15 +55,15 @@ def test_accumulated_step_equals_the_big_batch_step(accum, mesh):
   for a, b in zip(jax.tree.leaves(opt), jax.tree.leaves(big_opt)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)
     moments += np.size(a)
-  assert moments > 2 * train.count_params(nnx.state(
-      train.build_setup(_config(4, 1), one).trainable_abstract()))
+  assert moments > 2 * training.count_params(nnx.state(
+      training.build_setup(_config(4, 1), one).trainable_abstract()))
 
 
 def test_auto_accumulation_leaves_one_sample_a_batch_shard():
   c = _config(8, 0)
-  assert train.grad_accum_steps(c, mesh_lib.make_mesh(data=2, fsdp=2, tensor=2)) == 2
-  assert train.grad_accum_steps(c, mesh_lib.make_mesh(data=8)) == 1
-  assert train.grad_accum_steps(c, mesh_lib.make_mesh(devices=jax.devices()[:1])) == 8
+  assert training.grad_accum_steps(c, mesh_lib.make_mesh(data=2, fsdp=2, tensor=2)) == 2
+  assert training.grad_accum_steps(c, mesh_lib.make_mesh(data=8)) == 1
+  assert training.grad_accum_steps(c, mesh_lib.make_mesh(devices=jax.devices()[:1])) == 8
 
 
 @pytest.mark.parametrize("batch_size,accum,mesh", [(2, 1, dict(data=8)), (4, 3, dict(data=1)),
@@ -74,7 +74,7 @@ def test_a_batch_that_would_be_replicated_is_refused(batch_size, accum, mesh):
   devices = jax.devices()[:int(np.prod(list(mesh.values())))]
   with pytest.raises(ValueError, match=r"^config.train.batch_size=\d+ in \d+ micro-batch.*"
                                        r"would be replicated"):
-    train.grad_accum_steps(c, mesh_lib.make_mesh(devices=devices, **mesh))
+    training.grad_accum_steps(c, mesh_lib.make_mesh(devices=devices, **mesh))
 
 
 # ---------------------------------------------------------------------------- remat policies
@@ -86,7 +86,7 @@ def test_remat_policies_give_the_same_loss_and_grads_and_order_memory():
   import dataclasses  # pylint: disable=g-import-not-at-top
   from ttt_jax.models.dit import DiT, remat_policy  # pylint: disable=g-import-not-at-top
   c = tomjerry_3s.get_config("runlocal")
-  cfg = dataclasses.replace(train.dit_config(c), num_layers=16)
+  cfg = dataclasses.replace(training.dit_config(c), num_layers=16)
   graphdef, state = nnx.split(DiT(cfg, rngs=nnx.Rngs(0)))
   batch = FakeLoader(c).batch(0)
   t = jnp.asarray([10, 500], jnp.int32)

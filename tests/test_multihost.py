@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from configs import tomjerry_3s
-from ttt_jax import checkpoint, train
+from ttt_jax import checkpoint, training
 from ttt_jax.parallel import mesh as mesh_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,22 +78,22 @@ jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=
 import numpy as np
 from jax.experimental import multihost_utils
 from test_multihost import RowLoader, stage_config, stage_mesh
-from ttt_jax import train
+from ttt_jax import training
 from ttt_jax.data.loader import process_rows
 
 c = stage_config()
 mesh, loader = stage_mesh(jax.devices()), RowLoader(c)
-shardings, rows = train.batch_shardings(c, mesh)
-batch = train.global_batch(loader, 0, c.train.batch_size, shardings, rows)
+shardings, rows = training.batch_shardings(c, mesh)
+batch = training.global_batch(loader, 0, c.train.batch_size, shardings, rows)
 full = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in batch.items()}
 print("ROWS", json.dumps(rows.tolist()), flush=True)
 if pid == 0:
   np.savez(workdir + ".batch0.npz", **full)
 # The fault injection: a hook that kills this process after step KILL_AT_STEP.
 kill_at = int(os.environ.get("KILL_AT_STEP", "0"))
-train.train(c, workdir, loader=loader, mesh=mesh,
-            on_step=lambda step, total, m: print("STEP", step, repr(m["loss"]), flush=True),
-            hooks=[lambda step: step == kill_at and os.kill(os.getpid(), signal.SIGKILL)])
+training.train(c, workdir, loader=loader, mesh=mesh,
+               on_step=lambda step, total, m: print("STEP", step, repr(m["loss"]), flush=True),
+               hooks=[lambda step: step == kill_at and os.kill(os.getpid(), signal.SIGKILL)])
 print("DONE", flush=True)
 """
 
@@ -133,8 +133,8 @@ def _assert_same_losses(got, want):
 def test_two_processes_kill_restart_resume_and_export_match_one_process(tmp_path):
   # The reference: this process, 8 devices, the same mesh shape.
   c = stage_config()
-  reference = train.train(c, str(tmp_path / "one"), loader=RowLoader(c),
-                          mesh=stage_mesh(jax.devices()))
+  reference = training.train(c, str(tmp_path / "one"), loader=RowLoader(c),
+                             mesh=stage_mesh(jax.devices()))
   with open(tmp_path / "one" / "metrics.jsonl") as f:
     losses = [(r["step"], r["loss"]) for r in map(json.loads, f)]
 

@@ -102,12 +102,12 @@ def test_context_parallel_train_steps_match_one_device(axes, tmp_path):
   """runlocal 3 s (TTT-MLP, 96 tokens): two steps with the sequence split over context give
   the one-device losses."""
   from configs import tomjerry_3s  # pylint: disable=g-import-not-at-top
-  from tests.test_train import FakeLoader, _losses  # pylint: disable=g-import-not-at-top
-  from ttt_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.test_training_loop import FakeLoader, _losses  # pylint: disable=g-import-not-at-top
+  from ttt_jax import training  # pylint: disable=g-import-not-at-top
   c = tomjerry_3s.get_config("runlocal")
   c.train.update(dict(steps=2, checkpoint_every=2, batch_size=4))
-  train.train(c, str(tmp_path / "one"), loader=FakeLoader(c),
-              mesh=make_mesh(devices=jax.devices()[:1]))
-  train.train(c, str(tmp_path / "sharded"), loader=FakeLoader(c), mesh=make_mesh(**axes))
+  training.train(c, str(tmp_path / "one"), loader=FakeLoader(c),
+                 mesh=make_mesh(devices=jax.devices()[:1]))
+  training.train(c, str(tmp_path / "sharded"), loader=FakeLoader(c), mesh=make_mesh(**axes))
   np.testing.assert_allclose([l for _, l in _losses(tmp_path / "sharded")],
                              [l for _, l in _losses(tmp_path / "one")], rtol=1e-5)

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tests.test_train import FakeLoader, _losses, _one_device
-from ttt_jax import train
+from tests.test_training_loop import FakeLoader, _losses, _one_device
+from ttt_jax import training
 
 
 def _load(seconds, arg=None):
@@ -30,7 +30,7 @@ def test_real_config_forward_and_train_step_trace_in_bf16(seconds):
   c = _load(seconds)
   assert c.model.dtype == "bfloat16" and c.model.num_layers == 42
   c.train.batch_size = 1
-  setup = train.build_setup(c, _one_device())
+  setup = training.build_setup(c, _one_device())
   # Parameters stay float32 (the optimizer updates them); only compute is bf16.
   params = setup.items(setup.abstract)["params"]
   assert {a.dtype for a in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
@@ -45,7 +45,7 @@ def test_real_config_forward_and_train_step_trace_in_bf16(seconds):
 
   replicated = NamedSharding(setup.mesh, PartitionSpec())
   null_text = np.zeros((c.text.max_length, c.model.text_embed_dim), np.float32)
-  step = train.make_train_step(c, setup, null_text, {"latents": replicated, "text": replicated})
+  step = training.make_train_step(c, setup, null_text, {"latents": replicated, "text": replicated})
   new_state, metrics = jax.eval_shape(step, setup.abstract, batch,
                                       jax.ShapeDtypeStruct((), jnp.int32))
   shapes = lambda tree: [(a.shape, a.dtype) for a in jax.tree.leaves(tree)]
@@ -63,6 +63,6 @@ def test_runlocal_bf16_keeps_the_structure_and_only_changes_the_dtype():
 def test_runlocal_bf16_trains(tmp_path):
   c = _load(3, "runlocal,bf16")
   c.train.update(dict(steps=2, checkpoint_every=2))
-  train.train(c, str(tmp_path), loader=FakeLoader(c), mesh=_one_device())
+  training.train(c, str(tmp_path), loader=FakeLoader(c), mesh=_one_device())
   losses = [loss for _, loss in _losses(tmp_path)]
   assert len(losses) == 2 and np.all(np.isfinite(losses))

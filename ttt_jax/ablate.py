@@ -125,7 +125,7 @@ def step_times(spec: str, mixers: list[str], segments: int, repeats: int,
   (0: the last stage's), measured one mixer after the other in this process; kept in `path`."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from ttt_jax import train  # pylint: disable=g-import-not-at-top
+  from ttt_jax import training  # pylint: disable=g-import-not-at-top
   from ttt_jax.data.features import latent_frames  # pylint: disable=g-import-not-at-top
   from ttt_jax.models.dit import DiT  # pylint: disable=g-import-not-at-top
   from ttt_jax.step_timing import time_dit  # pylint: disable=g-import-not-at-top
@@ -142,7 +142,7 @@ def step_times(spec: str, mixers: list[str], segments: int, repeats: int,
     stages = load_config(spec, mixer).stages
     stage = max(stages.values(), key=lambda s: s.segments)  # the last, longest stage
     length = segments or stage.segments
-    model = DiT(train.dit_config(stage), rngs=nnx.Rngs(0))
+    model = DiT(training.dit_config(stage), rngs=nnx.Rngs(0))
     times[mixer] = time_dit(
         model, batch=stage.train.batch_size, frames=latent_frames(length, stage.fps),
         segments=length, height=stage.model.sample_height, width=stage.model.sample_width,

@@ -7,7 +7,7 @@ and prints one JSON object: does the stage fit, and how.
 
 The TPU compiler is libtpu's (`pip install -e ".[tpu]"`); `get_topology_desc` gives compile-only
 devices for the slice, so nothing runs and no TPU is needed (maxtext's train_compile.py). The
-step is `ttt_jax.train.make_train_step` with the shardings training uses (gradient accumulation
+step is `ttt_jax.training.make_train_step` with the shardings training uses (gradient accumulation
 included): the numbers are those of `python -m ttt_jax.train` with the same config. The mesh
 flags set config.mesh (data takes the devices left: -1); `--config.model.num_layers=N` compiles
 fewer layers when a host cannot hold the compile of all 42 (the layers are one `scan`, so the
@@ -49,7 +49,7 @@ from jax.experimental import topologies  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ttt_jax import cli, train  # noqa: E402
+from ttt_jax import cli, training  # noqa: E402
 from ttt_jax.models.dit import remat_policy  # noqa: E402
 from ttt_jax.parallel import mesh as mesh_lib  # noqa: E402
 
@@ -91,9 +91,9 @@ def topology_devices(name: str) -> list[jax.Device]:
 
 def compile_train_step(config, devices: list[jax.Device]) -> dict:
   """Lowers and compiles the train step of `config` for `devices`; returns the JSON's fields."""
-  mesh = train.mesh_from_config(config, devices=devices)
-  setup = train.build_setup(config, mesh)
-  rules = train._rules(config)  # pylint: disable=protected-access
+  mesh = training.mesh_from_config(config, devices=devices)
+  setup = training.build_setup(config, mesh)
+  rules = training.mesh_rules(config)
   c, b = config, config.train.batch_size
   shapes = {"latents": (b, c.latent_frames, c.model.in_channels, c.height // 8, c.width // 8),
             "text": (b, c.segments, c.text.max_length, c.model.text_embed_dim)}
@@ -102,7 +102,7 @@ def compile_train_step(config, devices: list[jax.Device]) -> dict:
   batch = {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=batch_sh[k])
            for k, s in shapes.items()}
   null_text = np.zeros((c.text.max_length, c.model.text_embed_dim), np.float32)
-  step_fn = train.make_train_step(config, setup, null_text, batch_sh)
+  step_fn = training.make_train_step(config, setup, null_text, batch_sh)
   step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
 
   result = {
@@ -113,9 +113,9 @@ def compile_train_step(config, devices: list[jax.Device]) -> dict:
       "global_batch": b,
       "devices": len(devices),
       "mesh": dict(mesh.shape),
-      "params": train.count_params(setup.items(setup.abstract)["params"]),
-      "trainable_params": train.count_params(setup.trainable_abstract()),
-      "grad_accum_steps": train.grad_accum_steps(config, mesh),
+      "params": training.count_params(setup.items(setup.abstract)["params"]),
+      "trainable_params": training.count_params(setup.trainable_abstract()),
+      "grad_accum_steps": training.grad_accum_steps(config, mesh),
       "remat": remat_policy(config.model.remat),
       "remat_every_k_layers": config.model.get("remat_every_k_layers", 1),
   }

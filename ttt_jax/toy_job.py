@@ -15,7 +15,7 @@ What is trained, and what is not:
     parameters (the paper's recipe; configs/toy.py).
 
 Everything lands under DIR: data/ (toy_toons), text/ (spiece.model, t5/), vae/, latents/<stage>/,
-stages/<stage>/ (train.py workdirs), sample/ (video.mp4, contact_sheet.png, storyboard.json),
+stages/<stage>/ (training workdirs), sample/ (video.mp4, contact_sheet.png, storyboard.json),
 summary.json. Each piece is skipped when already complete, so a rerun resumes.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from ttt_jax import checkpoint
+from ttt_jax import checkpoint, training
 
 
 def _stage_configs(config: ml_collections.ConfigDict) -> list[tuple[int, Any]]:
@@ -201,7 +201,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  from ttt_jax import sample, train  # pylint: disable=g-import-not-at-top
+  from ttt_jax import sample  # pylint: disable=g-import-not-at-top
   from ttt_jax.data import toy_toons  # pylint: disable=g-import-not-at-top
   from ttt_jax.data.precompute import precompute  # pylint: disable=g-import-not-at-top
   from ttt_jax.data.video_io import read_mp4  # pylint: disable=g-import-not-at-top
@@ -226,8 +226,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     stage.init_from = previous
     with tqdm.tqdm(desc=f"[toy] {stage.stage}", total=int(stage.train.steps), file=_TERMINAL,
                    dynamic_ncols=True, leave=False) as bar:
-      out = train.train(stage, os.path.join(workdir, "stages", stage.stage), mesh=_mesh(stage),
-                        on_step=lambda step, total, m: _advance(bar, step, m))
+      out = training.train(stage, os.path.join(workdir, "stages", stage.stage), mesh=_mesh(stage),
+                           on_step=lambda step, total, m: _advance(bar, step, m))
     s = summary["stages"][stage.stage] = {**_summarise_losses(_read_losses(out["workdir"])),
                                           "initialised_fresh": len(out["initialised_fresh"])}
     _log(f"{stage.stage}: {encoded}{s['steps']} steps x {stage.train.batch_size}"
@@ -344,8 +344,7 @@ def _metric(score: dict) -> dict[str, float]:
 
 
 def _mesh(stage):
-  from ttt_jax import train  # pylint: disable=g-import-not-at-top
   devices = jax.devices()
   # The batch must split evenly over the data axes; small toy batches run on one device.
-  return train.mesh_from_config(
+  return training.mesh_from_config(
       stage, devices[:1] if stage.train.batch_size % len(devices) else devices)

@@ -1,6 +1,7 @@
-"""Training: optimizer groups, exact resume after a hard kill and after SIGTERM, resume past a
-damaged checkpoint, NaN stop, nothing left by a run that fails at its first step, stage hand-off,
-sharding, and every stage's local config trained in sequence with hand-off."""
+"""One training stage's loop: exact resume after a hard kill and after SIGTERM, resume past a
+damaged checkpoint, NaN stop, nothing left by a run that fails at its first step, sharding, and
+every stage's local config trained in sequence with hand-off. FakeLoader, `small` and friends are
+shared with the other training tests."""
 import json
 import os
 import re
@@ -9,12 +10,10 @@ import sys
 
 import jax
 import numpy as np
-import optax
 import pytest
-from flax import nnx, traverse_util
 
 from configs import tomjerry_3s, tomjerry_9s, tomjerry_18s, tomjerry_30s, tomjerry_63s
-from ttt_jax import checkpoint, train
+from ttt_jax import checkpoint, training
 from ttt_jax.data import features
 from ttt_jax.parallel import mesh as mesh_lib
 
@@ -56,71 +55,7 @@ def small(config_module, **train_overrides):
   return c
 
 
-# ---------------------------------------------------------------------------- optimizer
-
-def _selected(train_cfg, paths):
-  """path -> 'fast' | 'slow' | 'frozen' under a config's trainable groups."""
-  trainable = nnx.filterlib.to_predicate(train.trainable_filter(train_cfg))
-  return {p: train.label_of(p) if trainable(p, nnx.Param(0)) else "frozen" for p in paths}
-
-
-def test_groups_and_labels_follow_the_stages():
-  paths = [("blocks", "mixer", "wq", "kernel"), ("blocks", "alpha"),
-           ("blocks", "attn1", "to_q", "kernel"), ("blocks", "ff", "proj_in", "kernel"),
-           ("patch_proj", "kernel")]
-  first = _selected(tomjerry_3s.get_config().train, paths)
-  assert first == {("blocks", "mixer", "wq", "kernel"): "fast", ("blocks", "alpha"): "fast",
-                   ("blocks", "attn1", "to_q", "kernel"): "slow",
-                   ("blocks", "ff", "proj_in", "kernel"): "slow", ("patch_proj", "kernel"): "slow"}
-  later = _selected(tomjerry_9s.get_config().train, paths)
-  assert later[("blocks", "ff", "proj_in", "kernel")] == "frozen"
-  assert later[("patch_proj", "kernel")] == "frozen"
-  assert later[("blocks", "attn1", "to_q", "kernel")] == "slow"
-  assert later[("blocks", "mixer", "wq", "kernel")] == "fast"
-  bad = tomjerry_9s.get_config().train
-  bad.trainable = ("mixer", "nonsense")
-  with pytest.raises(ValueError, match="unknown group.*nonsense"):
-    train.trainable_filter(bad)
-
-
-def test_adamw_step_matches_hand_computation():
-  """One step from fresh state: clip to 0.1, Adam's first update is g/(|g|+eps) per element,
-  decoupled weight decay on kernels only, per-group peak lr after warm-up."""
-  c = tomjerry_3s.get_config().train
-  c.warmup_steps, c.schedule = 0, "constant"
-  paths = [("blocks", "mixer", "wq", "kernel"), ("blocks", "mixer", "wq", "bias"),
-           ("blocks", "ff", "proj_in", "kernel"), ("norm_out", "scale")]
-  rng = np.random.default_rng(0)
-  params = {p: rng.normal(size=(3, 4)).astype(np.float32) for p in paths}
-  grads = {p: rng.normal(size=(3, 4)).astype(np.float32) for p in paths}
-  tx = train.make_optimizer(c)
-  tree = traverse_util.unflatten_dict
-  updates, _ = tx.update(tree(grads), tx.init(tree(params)), tree(params))
-  updates = traverse_util.flatten_dict(updates)
-  norm = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads.values()))
-  scale = min(1.0, c.grad_clip / norm)
-  for p in paths:
-    g = grads[p] * scale
-    lr = c.mixer_lr if p[1] == "mixer" else c.lr
-    decay = c.weight_decay if p[-1] == "kernel" else 0.0
-    want = -lr * (g / (np.abs(g) + 1e-8) + decay * params[p])
-    np.testing.assert_allclose(updates[p], want, rtol=2e-4, atol=1e-12)
-
-
 # ---------------------------------------------------------------------------- the loop
-
-def test_frozen_groups_do_not_move_and_trained_ones_do(tmp_path):
-  c = small(tomjerry_9s, steps=2, checkpoint_every=2)
-  c.train.lr = c.train.mixer_lr = 1e-2
-  out = train.train(c, str(tmp_path / "a"), loader=FakeLoader(c), mesh=_one_device())
-  c0 = small(tomjerry_9s, steps=0)
-  setup = train.build_setup(c0, _one_device())
-  before = traverse_util.flatten_dict(setup.init(c.seed)["params"])
-  after = traverse_util.flatten_dict(checkpoint.load_params(os.path.join(out["model"], "params")))
-  trainable = nnx.filterlib.to_predicate(setup.trainable)
-  for p, v in before.items():
-    moved = not np.array_equal(np.asarray(v), np.asarray(after[p]))
-    assert moved == trainable(p, nnx.Param(0)), p
 
 
 # A 6-step local 3 s run in its own process, through the CLI's error handling (cli.guard).
@@ -129,15 +64,15 @@ _RUN_SCRIPT = f"""
 import os, signal, sys
 sys.path.insert(0, {REPO!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
 from configs import tomjerry_3s
-from test_train import FakeLoader, small
-from ttt_jax import cli, train
+from test_training_loop import FakeLoader, small
+from ttt_jax import cli, training
 c = small(tomjerry_3s, steps=6, checkpoint_every=2, keep_checkpoints=2)
 hooks = []
 if len(sys.argv) > 2:
   at, sig = int(sys.argv[2]), getattr(signal, sys.argv[3])
   hooks.append(lambda step: step == at and os.kill(os.getpid(), sig))
 with cli.guard(verbose=False):
-  train.train(c, sys.argv[1], loader=FakeLoader(c), hooks=hooks)
+  training.train(c, sys.argv[1], loader=FakeLoader(c), hooks=hooks)
 assert "tensorflow" not in sys.modules  # clu writers, Orbax, optax: no TensorFlow
 """
 
@@ -204,16 +139,16 @@ def _constant_lr(steps):
 
 def test_resume_moves_a_damaged_checkpoint_aside_and_uses_the_one_before(tmp_path):
   c6 = _constant_lr(6)
-  train.train(c6, str(tmp_path / "straight"), loader=FakeLoader(c6), mesh=_one_device())
+  training.train(c6, str(tmp_path / "straight"), loader=FakeLoader(c6), mesh=_one_device())
   run = tmp_path / "run"
-  train.train(_constant_lr(4), str(run), loader=FakeLoader(c6), mesh=_one_device())
+  training.train(_constant_lr(4), str(run), loader=FakeLoader(c6), mesh=_one_device())
   manifest = run / "checkpoints" / "4" / "params" / "manifest.ocdbt"
   os.truncate(manifest, os.path.getsize(manifest) // 2)
   interrupted = run / "checkpoints" / "6.orbax-checkpoint-tmp"  # a save cut short
   interrupted.mkdir()
   (interrupted / "junk").write_text("half a checkpoint")
 
-  out = train.train(c6, str(run), loader=FakeLoader(c6), mesh=_one_device())
+  out = training.train(c6, str(run), loader=FakeLoader(c6), mesh=_one_device())
   assert len(out["skipped_checkpoints"]) == 1
   assert re.match(r"checkpoint step 4 does not restore \(ValueError: .+\); moved to "
                   + re.escape(str(run / "checkpoints_broken" / "4")) + "$",
@@ -227,7 +162,7 @@ def test_resume_moves_a_damaged_checkpoint_aside_and_uses_the_one_before(tmp_pat
   other.model.num_layers = 3
   with pytest.raises(ValueError, match=r"step 6 .* written for another model .*params: shape "
                                        r"mismatches: \['blocks/alpha: \(2, 2, 32\) stored"):
-    train.train(other, str(run), loader=FakeLoader(other), mesh=_one_device())
+    training.train(other, str(run), loader=FakeLoader(other), mesh=_one_device())
   assert sorted(os.listdir(run / "checkpoints")) == ["2", "4", "6"]
   assert os.listdir(run / "checkpoints_broken") == ["4"]
 
@@ -235,69 +170,18 @@ def test_resume_moves_a_damaged_checkpoint_aside_and_uses_the_one_before(tmp_pat
 def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
   c = small(tomjerry_3s, steps=6, checkpoint_every=2)
   with pytest.raises(FloatingPointError, match=r"step 4: non-finite.*step 2"):
-    train.train(c, str(tmp_path), loader=FakeLoader(c, nan_at=3), mesh=_one_device())
+    training.train(c, str(tmp_path), loader=FakeLoader(c, nan_at=3), mesh=_one_device())
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
   assert not (tmp_path / "model").exists()
 
 
 def test_sharded_run_matches_one_device(tmp_path):
   c = small(tomjerry_3s, steps=2, checkpoint_every=2, batch_size=4)
-  train.train(c, str(tmp_path / "one"), loader=FakeLoader(c), mesh=_one_device())
+  training.train(c, str(tmp_path / "one"), loader=FakeLoader(c), mesh=_one_device())
   mesh = mesh_lib.make_mesh(data=2, fsdp=2, tensor=2)
-  train.train(c, str(tmp_path / "eight"), loader=FakeLoader(c), mesh=mesh)
+  training.train(c, str(tmp_path / "eight"), loader=FakeLoader(c), mesh=mesh)
   one, eight = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
   np.testing.assert_allclose([l for _, l in eight], [l for _, l in one], rtol=1e-5)
-
-
-# ---------------------------------------------------------------------------- hand-off
-
-def test_handoff_initialises_only_new_parameters(tmp_path):
-  a = small(tomjerry_3s, steps=1, checkpoint_every=1)
-  a.model.mixer = "none"
-  train.train(a, str(tmp_path / "a"), loader=FakeLoader(a), mesh=_one_device())
-  b = small(tomjerry_9s)
-  b.model.mixer = "ttt_linear"
-  setup = train.build_setup(b, _one_device())
-  params, fresh = _handoff(setup, str(tmp_path / "a"))
-  assert fresh and all(f.split("/")[1] in ("mixer", "alpha", "beta") for f in fresh)
-  params = traverse_util.flatten_dict(setup.init(0, params)["params"])
-  stored = traverse_util.flatten_dict(
-      checkpoint.load_params(tmp_path / "a" / "checkpoints" / "1" / "params"))
-  for p, v in stored.items():
-    np.testing.assert_array_equal(np.asarray(params[p]), v)
-  assert len(params) == len(stored) + len(fresh)
-
-
-def _handoff(setup, source):
-  return checkpoint.load_handoff(source, setup.items(setup.abstract)["params"],
-                                 train.is_new_param)
-
-
-@pytest.fixture(scope="module")
-def stage_a(tmp_path_factory):
-  """A finished 1-step 3 s local run (ttt_mlp): the hand-off source."""
-  a = small(tomjerry_3s, steps=1, checkpoint_every=1)
-  return train.train(a, str(tmp_path_factory.mktemp("stage_a")), loader=FakeLoader(a),
-                     mesh=_one_device())["workdir"]
-
-
-def test_handoff_reports_missing_unexpected_and_mismatched(stage_a, tmp_path):
-  b = small(tomjerry_9s)
-  b.model.mixer = "none"       # the source's mixer parameters are unexpected
-  with pytest.raises(ValueError, match=r"unexpected parameters: \['blocks/alpha'"):
-    _handoff(train.build_setup(b, _one_device()), stage_a)
-  b = small(tomjerry_9s)
-  b.model.num_layers = 3       # every block parameter has the wrong layer count
-  with pytest.raises(ValueError, match=r"shape mismatches: \['blocks/alpha: \(2, 2, 32\) stored"):
-    _handoff(train.build_setup(b, _one_device()), stage_a)
-  # A source that lacks a non-new parameter: drop one from an exported model directory.
-  params = checkpoint.load_params(os.path.join(stage_a, "model", "params"))
-  del params["proj_out"]["bias"]
-  checkpoint.save_params(tmp_path / "partial" / "params", params)
-  with pytest.raises(ValueError, match=r"missing parameters: \['proj_out/bias'\]"):
-    _handoff(train.build_setup(small(tomjerry_9s), _one_device()), str(tmp_path / "partial"))
-  with pytest.raises(ValueError, match="neither a training workdir"):
-    _handoff(train.build_setup(small(tomjerry_9s), _one_device()), str(tmp_path / "nowhere"))
 
 
 def test_all_five_local_stages_train_in_sequence_with_handoff(tmp_path):
@@ -306,7 +190,7 @@ def test_all_five_local_stages_train_in_sequence_with_handoff(tmp_path):
     c = small(module, steps=2, checkpoint_every=2)
     if previous:
       c.init_from = previous
-    out = train.train(c, str(tmp_path / c.stage), loader=FakeLoader(c), mesh=_one_device())
+    out = training.train(c, str(tmp_path / c.stage), loader=FakeLoader(c), mesh=_one_device())
     assert out["step"] == 2 and np.isfinite(out["last"]["loss"])
     assert out["initialised_fresh"] == []
     previous = out["workdir"]
@@ -319,11 +203,11 @@ def test_dataset_config_mismatch_is_an_error_and_leaves_nothing(tmp_path):
   c = small(tomjerry_9s)
   other = small(tomjerry_3s)
   with pytest.raises(ValueError, match="latent frames for 3 segments"):
-    train.train(c, str(tmp_path / "run"), loader=FakeLoader(other), mesh=_one_device())
+    training.train(c, str(tmp_path / "run"), loader=FakeLoader(other), mesh=_one_device())
   assert not (tmp_path / "run").exists()  # no checkpoints/, config.json, events file
   # In an existing folder: only what the run made goes.
   (tmp_path / "mine.txt").write_text("kept")
   c = small(tomjerry_3s)
   with pytest.raises(FloatingPointError, match="step 1: non-finite"):
-    train.train(c, str(tmp_path), loader=FakeLoader(c, nan_at=0), mesh=_one_device())
+    training.train(c, str(tmp_path), loader=FakeLoader(c, nan_at=0), mesh=_one_device())
   assert os.listdir(tmp_path) == ["mine.txt"]
