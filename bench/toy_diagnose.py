@@ -11,7 +11,7 @@ stage1: configs/toy.py's 3 s stage alone (data, tokenizer, text encoder, autoenc
 training), with `--set key=value` overrides of the stage config and `--top key=value` of the
 job's (e.g. `--top vae.normalize='global'`); then samples `--eval` held-out 3 s storyboards and
 scores each: persistence's room/colour/shape (segment 1: its text states the facts), text
-following, toy_toons.frame_statistics (flatness, stability) and PSNR against the rendering.
+following, toy_metrics.frame_statistics (flatness, stability) and PSNR against the rendering.
 overfit: the same with ONE training story and batch 1, sampled from that story's own storyboard:
 a model and conditioning that work reproduce it (PSNR well above the held-out stories'); one that
 does not points at the model, not at the amount of training.
@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import toy
 from ttt_jax import sample, toy_job, training
-from ttt_jax.data import toy_toons
+from ttt_jax.data import toy_metrics, toy_toons
 from ttt_jax.data.builders import toy_toons as builder
 from ttt_jax.data.precompute import precompute
 from ttt_jax.data.video_io import read_mp4
@@ -119,10 +119,10 @@ def stage1(args, overfit: bool) -> dict:
                       os.path.join(workdir, f"sample_{i}"), progress=False, overwrite=True)
     video, _ = read_mp4(info["video"])
     truth = toy_toons.render(story)
-    p = toy_toons.persistence_score(video, story)
+    p = toy_metrics.persistence_score(video, story)
     scores.append(dict(room=p["room"][0], color=p["color"][0], shape=p["shape"][0],
-                       text_following=toy_toons.text_following_score(video, story)["mean"],
-                       **toy_toons.frame_statistics(video), psnr=_psnr(video, truth)))
+                       text_following=toy_metrics.text_following_score(video, story)["mean"],
+                       **toy_metrics.frame_statistics(video), psnr=_psnr(video, truth)))
   mean = {k: round(float(np.mean([s[k] for s in scores])), 4) for k in scores[0]}
   return dict(mode="overfit" if overfit else "stage1", workdir=workdir, set=args.set,
               top=args.top, steps=len(losses), loss_curve=curve, mean=mean, per_story=scores,
@@ -140,9 +140,9 @@ def _score_per_segment(stage, model_dir: str, stories, workdir: str) -> dict:
     info = sample.run(stage, model_dir, storyboard, os.path.join(workdir, f"sample_{i}"),
                       progress=False, overwrite=True)
     video, _ = read_mp4(info["video"])
-    p = toy_toons.persistence_score(video, story)
+    p = toy_metrics.persistence_score(video, story)
     scores.append(dict(room=p["room"], color=p["color"], shape=p["shape"],
-                       text_following=toy_toons.text_following_score(video, story)["per_segment"]))
+                       text_following=toy_metrics.text_following_score(video, story)["per_segment"]))
   return {k: np.round(np.mean([s[k] for s in scores], axis=0), 3).tolist() for k in scores[0]}
 
 
@@ -253,9 +253,9 @@ def guidance(args) -> dict:
                       overwrite=True)
     video, _ = read_mp4(info["video"])
     out[f"guidance_{scale:g}"] = dict(
-        persistence=toy_toons.persistence_score(video, story)["overall"],
-        text_following=toy_toons.text_following_score(video, story)["mean"],
-        **toy_toons.frame_statistics(video))
+        persistence=toy_metrics.persistence_score(video, story)["overall"],
+        text_following=toy_metrics.text_following_score(video, story)["mean"],
+        **toy_metrics.frame_statistics(video))
   return out
 
 

@@ -17,14 +17,14 @@ scored, as the metrics need the story's facts and actions, and its rendering.
 
 Per storyboard (one video, one seed, the same for every storyboard and every run, so runs are
 compared on the same noise):
-  persistence     toy_toons.persistence_score: per segment the mean of its room, colour and shape
+  persistence     toy_metrics.persistence_score: per segment the mean of its room, colour and shape
                   checks; "mean" is its "overall" (segments 2..N, which no text describes);
-  text_following  toy_toons.text_following_score per segment; "mean" over segments;
+  text_following  toy_metrics.text_following_score per segment; "mean" over segments;
   frame_quality   per segment, 1 - (colour + edge) / 2 against the story's own rendering:
                   colour, the total-variation distance between the two videos' colour histograms
                   (4 levels a channel, 64 bins); edge, the difference of their edge densities (the
                   share of adjacent pixel pairs that differ by more than 24/255, 1 -
-                  toy_toons.frame_statistics' flatness). 1 means the frames have the rendering's
+                  toy_metrics.frame_statistics' flatness). 1 means the frames have the rendering's
                   palette proportions and its amount of edges; it does not say where things are
                   (persistence and text following do), and it needs no network.
 
@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from ttt_jax import bootstrap, cli
-from ttt_jax.data import toy_toons
+from ttt_jax.data import toy_metrics, toy_toons
 from ttt_jax.data.features import frames_per_segment
 
 METRICS = ("persistence", "text_following", "frame_quality")
@@ -139,8 +139,8 @@ def frame_quality(video: np.ndarray, reference: np.ndarray, fps: int) -> dict[st
   colour, edge = [], []
   for v, r in zip(_segment_frames(video, fps), _segment_frames(reference, fps)):
     colour.append(0.5 * float(np.abs(colour_histogram(v) - colour_histogram(r)).sum()))
-    edge.append(abs(toy_toons.frame_statistics(v)["flatness"]
-                    - toy_toons.frame_statistics(r)["flatness"]))
+    edge.append(abs(toy_metrics.frame_statistics(v)["flatness"]
+                    - toy_metrics.frame_statistics(r)["flatness"]))
   quality = [1 - (c + e) / 2 for c, e in zip(colour, edge)]
   return {"mean": float(np.mean(quality)), "per_segment": quality,
           "colour_distance": colour, "edge_distance": edge}
@@ -148,9 +148,9 @@ def frame_quality(video: np.ndarray, reference: np.ndarray, fps: int) -> dict[st
 
 def score(video: np.ndarray, story: Any) -> dict[str, Any]:
   """The three metrics of one generated video uint8 [frames, H, W, 3] of `story`."""
-  persistence = toy_toons.persistence_score(video, story)
+  persistence = toy_metrics.persistence_score(video, story)
   per_segment = np.mean([persistence[k] for k in ("room", "color", "shape")], axis=0)
-  text = toy_toons.text_following_score(video, story)
+  text = toy_metrics.text_following_score(video, story)
   return {
       "persistence": {"mean": persistence["overall"], "per_segment": per_segment.tolist(),
                       **{k: persistence[k] for k in ("room", "color", "shape")}},

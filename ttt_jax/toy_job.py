@@ -202,7 +202,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from ttt_jax import sample  # pylint: disable=g-import-not-at-top
-  from ttt_jax.data import toy_toons  # pylint: disable=g-import-not-at-top
+  from ttt_jax.data import toy_metrics, toy_toons  # pylint: disable=g-import-not-at-top
   from ttt_jax.data.precompute import precompute  # pylint: disable=g-import-not-at-top
   from ttt_jax.data.video_io import read_mp4  # pylint: disable=g-import-not-at-top
 
@@ -251,19 +251,19 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     progress=False, overwrite=True)
   video, _ = read_mp4(info["video"])
   truth = toy_toons.render(story)
-  persistence = toy_toons.persistence_score(video, story)
-  reference = toy_toons.persistence_score(truth, story)
+  persistence = toy_metrics.persistence_score(video, story)
+  reference = toy_metrics.persistence_score(truth, story)
   summary["sample"] = {
       **{k: os.path.relpath(info[k], workdir) for k in ("video", "contact_sheet")},
       **{k: info[k] for k in ("frames", "segments")},
       "persistence": _metric(persistence),
       "per_segment": {k: persistence[k] for k in ("room", "color", "shape")},
-      "text_following": toy_toons.text_following_score(video, story)["mean"],
-      **toy_toons.frame_statistics(video),
+      "text_following": toy_metrics.text_following_score(video, story)["mean"],
+      **toy_metrics.frame_statistics(video),
       # The same metrics on the held-out story's own rendering: what a perfect model scores.
       "reference": {"persistence": _metric(reference),
-                    "text_following": toy_toons.text_following_score(truth, story)["mean"],
-                    **toy_toons.frame_statistics(truth)},
+                    "text_following": toy_metrics.text_following_score(truth, story)["mean"],
+                    **toy_metrics.frame_statistics(truth)},
   }
   summary["sample"]["persistence_plot"] = os.path.relpath(plot_persistence(
       persistence, os.path.join(sample_dir, "persistence.png")), workdir)

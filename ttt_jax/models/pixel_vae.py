@@ -21,7 +21,7 @@ scales each channel's errors down by its std.
 Why not a trained CogVideoX VAE: on this 2-core CPU a 3-block (16, 32, 32)-channel CogVideoX VAE
 trained at about 2 s a step on 4 clips of 9 frames at 32x48; after 200 steps (7 minutes) its
 reconstructions of held-out toy cartoons kept the stated facts in only 48% of segments
-(toy_toons.persistence_score). The 16-channel PCA autoencoder keeps them in 100% (5 of 5 stories
+(toy_metrics.persistence_score). The 16-channel PCA autoencoder keeps them in 100% (5 of 5 stories
 measured), and its 4x4 blocks under a 2x2 DiT patch give 64-dim tokens: no wider than the toy
 DiT, which must predict every dimension of the noise to remove it.
 """

@@ -1,11 +1,11 @@
 """`toy_toons`: procedural cartoons (ttt_jax/data/toy_toons.py) as a tfds dataset.
 
-    from ttt_jax.data import toy_toons
+    from ttt_jax.data import toy_metrics, toy_toons
     from ttt_jax.data.builders import toy_toons as toy_toons_builder
     builder = toy_toons_builder.build("tfds_data/", segments=3, num_train=1024, num_test=64)
     example = builder.as_data_source()["test"][0]
     story = toy_toons.Story.from_json(example["story"])
-    toy_toons.persistence_score(generated_video, story)
+    toy_metrics.persistence_score(generated_video, story)
 
 One story per example: a long story cut into windows would give windows whose first text states
 no facts, and the point of the dataset is that only the first segment does. An example's id is
