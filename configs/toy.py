@@ -10,15 +10,21 @@ storyboard and reports toy_toons' persistence, text-following and frame statisti
 the same workdir resumes where it stopped.
 
 The stage configs are configs/tomjerry_common.stage_config's, with the same structure (segment
-counts, latent frame counts, trainable groups by stage, schedules, optimizer, clipping, text
-dropout); what changes is size, step counts, learning rates, and three things a DiT trained from
-scratch at this size needs where the paper's starts from a pretrained CogVideoX (README, "Why the
-toy sampled noise", has the measurements):
+counts, latent frame counts, schedules, optimizer, clipping, text dropout); what changes is size,
+step counts, learning rates, and what a DiT trained from scratch at this size needs where the
+paper's starts from a pretrained CogVideoX (README, "Why the toy sampled noise" and "How the toy
+learns to remember", has the measurements):
   * width 128 (4 heads x 32): at equal CPU time it reaches a lower loss than width 64;
   * absolute positions: RoPE alone gives attention only relative positions, and a two-layer
     model cannot tell the wall from the floor; CogVideoX-5B-I2V's learned positional table
     (initialised, as in diffusers, to the 3D sin-cos table) is added to the tokens;
-  * learning rates 2e-3 for the rest and 3e-3 for the mixers and gates in stage 1, 1e-3 later.
+  * the 3 s stage trains the backbone without mixers, the role the pretrained CogVideoX plays in
+    the paper, at about a third of the CPU time a step: on single segments the mixer has nothing
+    to carry, and stage 1 shut its memory path 67-fold;
+  * the 9 s stage, where the mixers and gates start, trains only them, only at the noisiest
+    timesteps (t >= 950), at mixer lr 1e-2: the only steps where a later segment needs the first
+    one's text. The 18 s stage then trains the paper's groups at every timestep, which repairs
+    what that did to the less noisy ones.
 `:runlocal` shrinks it further for the tests; `:mixer=NAME` swaps the sequence mixer.
 """
 import ml_collections
@@ -27,12 +33,13 @@ from configs.arguments import parse_arguments
 from configs.mixers import use_mixer
 from configs.tomjerry_common import STAGES, stage_config
 
-# seconds -> (steps, global batch) of the main job. Early stages see many short clips, late
-# ones a few long videos: the paper's curriculum at toy scale. Stage 1 takes most of the time:
-# it is where the DiT learns to draw.
-TOY_STAGES = {3: (800, 8), 9: (80, 4), 18: (40, 2), 30: (20, 2), 63: (10, 1)}
+# seconds -> (steps, global batch) of the main job. Stage 1 takes most of the time: it is where
+# the DiT learns to draw; stage 2 where the mixers learn to remember.
+TOY_STAGES = {3: (1600, 8), 9: (300, 4), 18: (100, 2), 30: (20, 2), 63: (10, 1)}
 # `:long`: about four times the default's training, under an hour on 2 CPU cores.
-LONG_STAGES = {3: (3000, 8), 9: (320, 4), 18: (160, 2), 30: (80, 2), 63: (40, 1)}
+LONG_STAGES = {3: (6400, 8), 9: (1200, 4), 18: (400, 2), 30: (80, 2), 63: (40, 1)}
+# The 9 s stage trains the memory path at the noisiest timesteps (module docstring).
+MEMORY = dict(trainable=("mixer", "gates"), high_t_fraction=1.0, high_t_from=950, mixer_lr=1e-2)
 
 
 def _toy_stage(seconds: int, runlocal: bool, long: bool) -> ml_collections.ConfigDict:
@@ -56,6 +63,10 @@ def _toy_stage(seconds: int, runlocal: bool, long: bool) -> ml_collections.Confi
       steps=steps, batch_size=batch, lr=2e-3 if first else 1e-3,
       mixer_lr=3e-3 if first else 1e-3, warmup_steps=40 if first else 5,
       checkpoint_every=max(steps // 2, 1), keep_checkpoints=2, log_every=10))
+  if first:  # the backbone alone (module docstring)
+    c.model.mixer, c.model.mixer_options = "none", {}
+  if seconds == 9:
+    c.train.update(MEMORY)
   if runlocal:
     c.train.update(dict(steps=2, batch_size=1, warmup_steps=1, checkpoint_every=1,
                         log_every=1))
@@ -90,5 +101,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                                           num_heads=4, max_length=32))
   c.stages = ml_collections.ConfigDict({f"s{s}": _toy_stage(s, runlocal, long) for s in STAGES})
   for stage in c.stages.values():
-    use_mixer(stage.model, args["mixer"], runlocal=True)  # the toy's sizes are runlocal's
+    if stage.model.mixer != "none":  # the 3 s backbone has none
+      use_mixer(stage.model, args["mixer"], runlocal=True)  # the toy's sizes are runlocal's
   return c

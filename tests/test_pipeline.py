@@ -19,8 +19,10 @@ def test_toy_pipeline_runlocal_end_to_end_and_resume(tmp_path):
   first = subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert list(summary["stages"]) == ["toy_3s", "toy_9s", "toy_18s", "toy_30s", "toy_63s"]
-  for stage in summary["stages"].values():
-    assert stage["steps"] == 2 and stage["initialised_fresh"] == 0
+  for name, stage in summary["stages"].items():
+    assert stage["steps"] == 2
+    # The 3 s backbone has no mixer: the 9 s stage starts the mixers and gates (configs/toy.py).
+    assert (stage["initialised_fresh"] > 0) == (name == "toy_9s"), (name, stage)
   for stage in ("toy_9s", "toy_18s", "toy_30s", "toy_63s"):  # each one handed off
     config = json.loads((tmp_path / "stages" / stage / "config.json").read_text())
     assert config["init_from"] == str(tmp_path / "stages" / f"toy_{config['previous_stage']}")
