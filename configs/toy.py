@@ -35,7 +35,7 @@ from configs.tomjerry_common import STAGES, stage_config
 
 # seconds -> (steps, global batch) of the main job. Stage 1 takes most of the time: it is where
 # the DiT learns to draw; stage 2 where the mixers learn to remember.
-TOY_STAGES = {3: (1600, 8), 9: (300, 4), 18: (100, 2), 30: (20, 2), 63: (10, 1)}
+TOY_STAGES = {3: (1600, 8), 9: (300, 4), 18: (100, 2), 30: (30, 2), 63: (15, 1)}
 # `:long`: about four times the default's training, under an hour on 2 CPU cores.
 LONG_STAGES = {3: (6400, 8), 9: (1200, 4), 18: (400, 2), 30: (80, 2), 63: (40, 1)}
 # The 9 s stage trains the memory path at the noisiest timesteps (module docstring).
@@ -67,6 +67,8 @@ def _toy_stage(seconds: int, runlocal: bool, long: bool) -> ml_collections.Confi
     c.model.mixer, c.model.mixer_options = "none", {}
   if seconds == 9:
     c.train.update(MEMORY)
+  elif not first:  # half of each batch keeps training the memory path
+    c.train.update(high_t_fraction=0.5, high_t_from=MEMORY["high_t_from"])
   if runlocal:
     c.train.update(dict(steps=2, batch_size=1, warmup_steps=1, checkpoint_every=1,
                         log_every=1))
