@@ -23,8 +23,9 @@ learns to remember", has the measurements):
     to carry, and stage 1 shut its memory path 67-fold;
   * the 9 s stage, where the mixers and gates start, trains only them, only at the noisiest
     timesteps (t >= 950), at mixer lr 1e-2: the only steps where a later segment needs the first
-    one's text. The 18 s stage then trains the paper's groups at every timestep, which repairs
-    what that did to the less noisy ones.
+    one's text. The later stages train the paper's groups with half of each batch drawn at
+    every timestep, which repairs what that did to the less noisy ones, and half at t >= 950,
+    which keeps the memory path learning as the videos grow.
 `:runlocal` shrinks it further for the tests; `:mixer=NAME` swaps the sequence mixer.
 """
 import ml_collections

@@ -189,9 +189,12 @@ def test_toy_stages_keep_the_tomjerry_structure(arg):
     for key in ("schedule", "adam_b1", "adam_b2", "weight_decay", "grad_clip", "text_dropout"):
       assert stage.train[key] == real.train[key], key
     # Where the toy departs from the paper's stages, and only there (configs/toy.py says why):
-    # a mixer-free 3 s backbone, and a 9 s stage that trains the memory path at t >= 950.
+    # a mixer-free 3 s backbone, a 9 s stage that trains the memory path at t >= 950, and
+    # later stages that draw half of each batch there.
+    assert real.train.high_t_fraction == 0.0
     if seconds == 3:
       assert stage.model.mixer == "none" and stage.train.trainable == real.train.trainable
+      assert stage.train.high_t_fraction == 0.0
     elif seconds == 9:
       assert stage.model.mixer == real.model.mixer
       assert stage.train.trainable == ("mixer", "gates")
@@ -200,9 +203,9 @@ def test_toy_stages_keep_the_tomjerry_structure(arg):
     else:
       assert stage.model.mixer == real.model.mixer
       assert stage.train.trainable == real.train.trainable
+      assert (stage.train.high_t_fraction, stage.train.high_t_from) == (0.5, 950)
     if seconds != 9:
       assert (stage.train.mixer_lr > stage.train.lr) == (real.train.mixer_lr > real.train.lr)
-      assert stage.train.high_t_fraction == real.train.high_t_fraction == 0.0
     assert stage.model.max_text_seq_length == stage.text.max_length
     assert stage.height % toy.vae.patch == 0 and stage.width % toy.vae.patch == 0
     assert stage.model.in_channels == toy.vae.latent_channels
