@@ -31,8 +31,13 @@ stage2: configs/toy.py's 9 s stage alone (the first stage that can learn memory)
 job's trained 3 s stage (`--from_run`; its text encoder and autoencoder are reused), on
 `--stories` training stories, with `--set` overrides; `--fresh_mixer` drops the mixer and gates
 from the 3 s parameters so that they start fresh, as the paper's start on a pretrained backbone.
-Samples `--eval` held-out 9 s storyboards and reports room / colour / shape / text following per
-segment (segments 2 and 3: what memory must carry) and the loss curve.
+`--init_from=STAGE_DIR` starts from that trained stage instead (e.g. a previous stage2 run's
+train/, to run a second phase). Samples `--eval` held-out 9 s storyboards and reports room /
+colour / shape / text following per segment (segments 2 and 3: what memory must carry), the loss
+curve, and the memory gap: on 12 held-out 9 s stories, the v-loss on segments 2-3's own frames
+when segment 1's text is another story's minus when it is the story's own, at t = 990 ... 800
+(0 when nothing crosses from segment 1; "seg1" is the same on segment 1, what knowing the facts
+is worth there).
 
 One JSON object on stdout. Runs on a CPU: the default stage1 run takes a few minutes.
 """
@@ -165,7 +170,7 @@ def stage2(args) -> dict:
   if not os.path.exists(os.path.join(latents, "precompute.json")):
     precompute(stage, dataset.data_path, latents, "train")
   stage.data.latents = latents
-  stage.init_from = os.path.join(source, "stages", "toy_3s")
+  stage.init_from = os.path.abspath(args.init_from or os.path.join(source, "stages", "toy_3s"))
   if args.fresh_mixer:  # the 3 s backbone alone: the hand-off initialises mixer and gates
     backbone = os.path.join(workdir, "backbone")
     if not os.path.isdir(os.path.join(backbone, "params")):
@@ -179,10 +184,56 @@ def stage2(args) -> dict:
   trained = time.perf_counter()
   per_segment = _score_per_segment(stage, os.path.join(out["workdir"], "model"),
                                    toy_job._stories(dataset, "test"), workdir)  # pylint: disable=protected-access
-  return dict(mode="stage2", workdir=workdir, from_run=source, fresh_mixer=args.fresh_mixer,
-              set=args.set, stories=args.stories, steps=len(losses), loss_curve=curve,
-              per_segment=per_segment, train_s=round(trained - start, 1),
+  return dict(mode="stage2", workdir=workdir, from_run=source, init_from=stage.init_from,
+              fresh_mixer=args.fresh_mixer, set=args.set, stories=args.stories,
+              steps=len(losses), loss_curve=curve, per_segment=per_segment,
+              memory_gap=memory_gap(out["workdir"]), train_s=round(trained - start, 1),
               sample_s=round(time.perf_counter() - trained, 1))
+
+
+def memory_gap(stage_dir: str, stories: int = 12, timesteps=(990, 950, 900, 800)) -> dict:
+  """What segment 1's text is worth to segments 2-3 (module docstring, stage2): per t, the mean
+  v-loss with another story's first text minus with the story's own, on segment 1's frames and
+  on segments 2-3's, over `stories` held-out 9 s stories x 2 noise draws."""
+  import jax
+  import jax.numpy as jnp
+
+  from configs import saved
+  from ttt_jax import diffusion
+  from ttt_jax.data.storyboard import Segment, segment_prompts
+  sampler = sample.Sampler(saved.get_config(stage_dir), os.path.join(stage_dir, "model"))
+  schedule = diffusion.make_schedule(**sampler.config.diffusion)
+  frame_batch = sampler.config.vae.frame_batch_size * sampler.vae_config.temporal_compression_ratio
+  dit = jax.jit(lambda x, text, t: sampler.dit(x, text, t))
+  # Seeds far from the builder's: never trained on.
+  held_out = [toy_toons.generate_story(2 * 10**7 + i, 3) for i in range(stories)]
+  gaps = {t: [] for t in timesteps}
+  for i, story in enumerate(held_out):
+    x = toy_toons.render(story).astype(np.float32) / 127.5 - 1
+    mean, _ = sampler.vae.encode(jnp.asarray(x[None]), frame_batch_size=frame_batch)
+    x0 = (mean * sampler.vae_config.scaling_factor).transpose(0, 1, 4, 2, 3)
+    texts = toy_toons.story_texts(story)
+    other = toy_toons.story_texts(held_out[(i + 1) % stories])[0]
+    own, swapped = (sampler.encode_text(segment_prompts(
+        [Segment(t, s) for t, s in zip(first + texts[1:], story.scene_start)])[0])
+                    for first in ([texts[0]], [other]))
+    per = (x0.shape[1] - 1) // 3
+    for t in timesteps:
+      for draw in range(2):
+        noise = jax.random.normal(jax.random.key(100 * i + draw), x0.shape)
+        tt = jnp.full((1,), t, jnp.int32)
+        x_t, v = diffusion.add_noise(schedule, x0, noise, tt), diffusion.v_target(
+            schedule, x0, noise, tt)
+        err = [np.asarray(jnp.mean((dit(x_t, text, tt.astype(jnp.float32)) - v) ** 2,
+                                   axis=(0, 2, 3, 4))) for text in (swapped, own)]
+        gaps[t].append([e[:per].mean() for e in err] + [e[per + 1:].mean() for e in err])
+  out = {}
+  for t, rows in gaps.items():
+    seg1_swapped, seg1_own, later_swapped, later_own = np.mean(rows, axis=0)
+    out[str(t)] = dict(later=round(float(later_swapped - later_own), 4),
+                       seg1=round(float(seg1_swapped - seg1_own), 4),
+                       later_loss=round(float(later_own), 4))
+  return out
 
 
 def x0_error(args) -> dict:
@@ -310,6 +361,7 @@ def main() -> None:
   parser.add_argument("--top", nargs="*", default=[], help="job config key=value (Python)")
   parser.add_argument("--eval", type=int, default=4, help="held-out storyboards to sample")
   parser.add_argument("--from_run", help="stage2: a toy job's workdir (its toy_3s stage)")
+  parser.add_argument("--init_from", help="stage2: a trained stage directory to start from")
   parser.add_argument("--fresh_mixer", action="store_true",
                       help="stage2: start the mixer and gates fresh on the 3 s backbone")
   parser.add_argument("--stories", type=int, default=256, help="stage2: training stories")

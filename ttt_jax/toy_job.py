@@ -12,7 +12,8 @@ What is trained, and what is not:
   * the autoencoder: a linear patch autoencoder fitted by PCA (closed form) to training frames,
     not the CogVideoX VAE (ttt_jax/models/pixel_vae.py has the measurements behind that choice);
   * the DiT: trained, five stages, 3 -> 9 -> 18 -> 30 -> 63 s, each from the previous one's
-    parameters (the paper's recipe; configs/toy.py).
+    parameters (the paper's recipe), but the 3 s stage trains a mixer-free backbone (the
+    pretrained CogVideoX's role) and the mixers start at 9 s (configs/toy.py says why).
 
 Everything lands under DIR: data/ (toy_toons), text/ (spiece.model, t5/), vae/, latents/<stage>/,
 stages/<stage>/ (training workdirs), sample/ (video.mp4, contact_sheet.png, storyboard.json),
