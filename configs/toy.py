@@ -103,7 +103,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.text = ml_collections.ConfigDict(dict(d_model=64, d_kv=16, d_ff=128, num_layers=2,
                                           num_heads=4, max_length=32))
   c.stages = ml_collections.ConfigDict({f"s{s}": _toy_stage(s, runlocal, long) for s in STAGES})
-  for stage in c.stages.values():
-    if stage.model.mixer != "none":  # the 3 s backbone has none
-      use_mixer(stage.model, args["mixer"], runlocal=True)  # the toy's sizes are runlocal's
+  for seconds in STAGES:
+    stage = c.stages[f"s{seconds}"]
+    if seconds == 3:  # the backbone has no mixer, whatever the later stages use
+      continue
+    use_mixer(stage.model, args["mixer"], runlocal=True)  # the toy's sizes are runlocal's
+    if stage.model.mixer == "none" and seconds == 9:
+      # Local attention alone (an ablation baseline) has no memory path: its 9 s stage trains
+      # the paper's groups, i.e. attention, at the same timesteps.
+      stage.train.trainable = stage_config(seconds, "runlocal").train.trainable
   return c

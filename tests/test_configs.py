@@ -176,6 +176,9 @@ def test_every_mixer_from_one_config_string(mixer):
   # The toy's 3 s stage is the mixer-free backbone (configs/toy.py).
   assert toy.stages.s3.model.mixer == "none"
   assert {toy.stages[f"s{s}"].model.mixer for s in STAGES if s > 3} == {mixer}
+  # The 9 s stage trains the memory path; local attention alone has none, so it trains attention.
+  assert toy.stages.s9.train.trainable == (("mixer", "gates", "attention") if mixer == "none"
+                                           else ("mixer", "gates"))
 
 
 @pytest.mark.parametrize("arg", [None, "runlocal", "long"])
