@@ -363,8 +363,8 @@ def load_handoff(source: str | os.PathLike, abstract: Any,
 @dataclasses.dataclass
 class Start:
   """Where a training run starts: `step` 0 unless resumed; `items` {"params", "opt_state"}
-  (nested dicts of global arrays); `fresh` the parameter names a hand-off initialised;
-  `skipped` one line per damaged checkpoint moved aside."""
+  (nested dicts of global arrays); `fresh` the parameter names the run's hand-off initialised,
+  also when it resumes; `skipped` one line per damaged checkpoint moved aside."""
   step: int
   items: dict[str, Any]
   resumed: bool
@@ -396,7 +396,9 @@ def restore_or_init(mngr: ocp.CheckpointManager, abstract: Mapping[str, Any],
   if step is not None:
     logging.info("resumed from step %d of %s", step, mngr.directory)
     items = {"params": restored["params"], "opt_state": restored["opt_state"]}
-    return Start(step, items, True, [], skipped)
+    # What the run's hand-off initialised stays its answer when it resumes (the meta keeps it).
+    fresh = list((restored["meta"] or {}).get("initialised_fresh", []))
+    return Start(step, items, True, fresh, skipped)
   if skipped:  # every checkpoint was damaged: start over rather than stop, and say so
     logging.warning("no checkpoint of %s restores; starting from step 0", mngr.directory)
   if not init_from:
