@@ -85,11 +85,12 @@ def test_grad_vs_dual_fp32(inner, causal, shape):
 
 
 @pytest.mark.parametrize("inner", ["mlp", "linear"])
-@pytest.mark.parametrize("impl", ["grad", "dual"])
+@pytest.mark.parametrize("impl,group", [("grad", 2), ("dual", 2), ("dual", None)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_outer_gradients_match_finite_differences(x64, inner, impl, causal):
+def test_outer_gradients_match_finite_differences(x64, inner, impl, group, causal):
   """Gradients through the inner loop w.r.t. W0, ln params, eta and inputs (directional FD);
-  impl="dual" runs the hand-derived backward."""
+  impl="dual" runs the hand-derived backward, on re-run groups (2) or on the residuals the
+  forward saved (None)."""
   params, (xq, xk, xv), eta = random_case(inner, jax.random.key(3), batch=1, heads=2, seq=12,
                                           d=4)
   args = (params, xq, xk, xv, eta)
@@ -97,7 +98,7 @@ def test_outer_gradients_match_finite_differences(x64, inner, impl, causal):
 
   def objective(params, xq, xk, xv, eta):
     z, final = ttt_scan(inner, params, xq, xk, xv, eta, mini_batch_size=4, impl=impl,
-                        causal=causal, checkpoint_group_size=2)
+                        causal=causal, checkpoint_group_size=group)
     return jnp.sum(z * probe) + jnp.sum(jnp.sin(final["W1"]))
 
   objective = jax.jit(objective)
@@ -138,11 +139,11 @@ def _assert_gradients_close(got, want, tol):
 
 
 # seq 14 with mini-batch 4 pads two tokens; groups of 2 over 4 mini-batches and of 3 (a remainder
-# group of 1) exercise the recompute; None keeps every mini-batch's residuals.
+# group of 1) exercise the recompute; None keeps every mini-batch's residuals (no recompute).
 @pytest.mark.parametrize("inner", ["mlp", "linear"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("seq,group,per_source_eta", [(14, 2, False), (16, 3, False),
-                                                      (12, None, True)])
+                                                      (14, None, False), (12, None, True)])
 def test_dual_backward_matches_autodiff_float64(x64, inner, causal, seq, group, per_source_eta):
   """The hand-derived backward (dual.backward) against JAX's autodiff of impl="grad"."""
   if per_source_eta and not causal:
@@ -158,12 +159,14 @@ def test_dual_backward_matches_autodiff_float64(x64, inner, causal, seq, group, 
 
 @pytest.mark.parametrize("inner", ["mlp", "linear"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_dual_backward_matches_autodiff_fp32(inner, causal):
+@pytest.mark.parametrize("group", [2, None])
+def test_dual_backward_matches_autodiff_fp32(inner, causal, group):
+  """seq 30 with mini-batch 8 pads two tokens."""
   params, (xq, xk, xv), eta = random_case(inner, jax.random.key(2), seq=30, d=8,
                                           dtype=jnp.float32, eta_scale=0.05)
   args = (params, xq, xk, xv, eta)
-  _assert_gradients_close(_all_gradients(inner, "dual", args, 8, causal, 2),
-                          _all_gradients(inner, "grad", args, 8, causal, 2), 1e-5)
+  _assert_gradients_close(_all_gradients(inner, "dual", args, 8, causal, group),
+                          _all_gradients(inner, "grad", args, 8, causal, group), 1e-5)
 
 
 @pytest.mark.parametrize("inner", ["mlp", "linear"])
@@ -251,12 +254,15 @@ def test_errors_are_clear():
     ttt_scan("linear", params, xq, xk, xv, jnp.zeros(eta.shape + (4,)), mini_batch_size=4)
   with pytest.raises(ValueError, match="keys"):
     ttt_scan("mlp", params, xq, xk, xv, eta, mini_batch_size=4)
+  with pytest.raises(ValueError, match="checkpoint_group_size=None"):
+    ttt_scan("linear", params, xq, xk, xv, eta, mini_batch_size=4, impl="pallas",
+             checkpoint_group_size=None)
 
 
-# Without groups, autodiff keeps every mini-batch's activations and weights; impl="dual" keeps
-# only the weights (its backward recomputes the activations), so its ungrouped growth is smaller
-# and groups of 8 cut it by less than 10x (the saved inputs grow either way).
-@pytest.mark.parametrize("impl,max_ratio", [("grad", 0.1), ("dual", 0.25)])
+# Without groups, autodiff keeps every mini-batch's weights and activations and its own
+# intermediates; impl="dual" keeps the weights and `dual.forward`'s residuals, fewer, so groups of
+# 8 cut its growth by about 10x instead of 30x (the saved inputs grow either way).
+@pytest.mark.parametrize("impl,max_ratio", [("grad", 0.1), ("dual", 0.15)])
 def test_checkpoint_groups_bound_backward_memory(impl, max_ratio):
   """XLA's compiled temporaries for fwd+bwd: per-mini-batch residuals without groups, only
   group-boundary weights with them (16 -> 128 mini-batches)."""
@@ -273,3 +279,20 @@ def test_checkpoint_groups_bound_backward_memory(impl, max_ratio):
   growth_grouped = temp_bytes(1024, 8) - temp_bytes(128, 8)
   assert growth_plain > 0
   assert growth_grouped < max_ratio * growth_plain, (growth_grouped, growth_plain)
+
+
+@pytest.mark.parametrize("inner", ["mlp", "linear"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dual_without_groups_does_not_rerun_the_forward(inner, causal):
+  """Counting the matmuls of fwd+bwd: checkpoint_group_size=None runs the forward's once and two
+  backward matmuls for each; groups (here of 1) run the forward's once more in the backward."""
+  params = init_params(inner, jax.random.key(0), 1, 8)
+  x, eta = jnp.ones((1, 1, 32, 8)), jnp.full((1, 1, 32), 1e-3)
+  run = lambda p, x, group: ttt_scan(inner, p, x, x, x, eta, mini_batch_size=8, causal=causal,
+                                     impl="dual", checkpoint_group_size=group)[0]
+  count = lambda f: str(jax.make_jaxpr(f)(params, x)).count("dot_general")
+  forward = count(lambda p, x: run(p, x, None))
+  fwd_bwd = lambda group: count(jax.grad(lambda p, x: jnp.sum(run(p, x, group)), argnums=(0, 1)))
+  assert forward > 0
+  assert fwd_bwd(None) == 3 * forward
+  assert fwd_bwd(1) == 4 * forward

@@ -1,10 +1,10 @@
 """One TTT mini-batch in the dual form: the forward and its hand-derived backward, as matmuls.
 
 The one written-out step. `scan.py` (impl="dual") runs it under lax.scan with a custom_vjp whose
-backward is `backward` below (on the residuals of a checkpoint group's re-run `forward`);
-`pallas_kernels/` runs the same functions inside its kernels (`recompute_backward`), and both cut
-eta into mini-batches with `eta_inputs`. Pure jax: it imports nothing else
-of ttt_jax, so the kernels may import it.
+backward is `backward` below (on the residuals of a checkpoint group's re-run `forward`, or,
+without groups, on those the forward saved); `pallas_kernels/` runs the same functions inside its
+kernels (`recompute_backward`), and both cut eta into mini-batches with `eta_inputs`. Pure jax: it
+imports nothing else of ttt_jax, so the kernels may import it.
 
 One head, one mini-batch of b tokens (../shared/PAPER.md, "TTT layer"). Layer l has key-side input
 X_l, read-out input Q_l, weights W_l, b_l and output gradient G_l = dl/dZ_l:
@@ -246,7 +246,9 @@ def forward(inner: str, w: Weights, ln_w: jax.Array, ln_b: jax.Array, mb: MiniBa
   res["z_hat"], res["z_inv_std"] = _normalise(z_last, eps)
   g_last = _ln_l2_grad(res["z_hat"], res["z_inv_std"], target, ln_w, ln_b)[0]
   if inner == "mlp":
-    res.update(z1=z1, t1=t1, hid=dots.nt(g_last, w["W2"]), g2=g_last)
+    # Not G2 itself: `backward` rebuilds it element-wise from z_hat (the same expression as in
+    # the LayerNorm pull-back, which XLA computes once).
+    res.update(z1=z1, t1=t1, hid=dots.nt(g_last, w["W2"]))
     g1 = res["hid"] * _gelu_grad(z1, t1)
   else:
     g1 = g_last
@@ -289,17 +291,17 @@ def backward(inner: str, w: Weights, w_new: Weights, ln_w: jax.Array, ln_b: jax.
   d_lnb = jnp.sum(dz, axis=0, keepdims=True)
   dzq = _normalise_bwd(dz * ln_w, res["zq_hat"], res["zq_inv_std"])
   dw, z_hat, z_inv_std = {}, res["z_hat"], res["z_inv_std"]
+  g_last = _ln_l2_grad(z_hat, z_inv_std, target, ln_w, ln_b)[0]
   if inner == "mlp":
     z1, t1, zq1, tq1 = res["z1"], res["t1"], res["zq1"], res["tq1"]
     x2, xq2, gelu_grad1 = _gelu(z1, t1), _gelu(zq1, tq1), _gelu_grad(z1, t1)
     g1 = res["hid"] * gelu_grad1
     dw["W2"], dw["b2"], dxq2, dx2, dg2, d_col, d_mat = _layer_backward(
-        x2, xq2, w["W2"], w_new["W2"], res["g2"], res.get("s2"), mb, dw_new["W2"],
+        x2, xq2, w["W2"], w_new["W2"], g_last, res.get("s2"), mb, dw_new["W2"],
         dw_new["b2"], dzq, dots)
     dzq = dxq2 * _gelu_grad(zq1, tq1)
-    g_last = res["g2"]
   else:
-    g1 = g_last = _ln_l2_grad(z_hat, z_inv_std, target, ln_w, ln_b)[0]
+    g1 = g_last
   dw["W1"], dw["b1"], dxq, dxk, dg1, d_col1, d_mat1 = _layer_backward(
       mb.xk, mb.xq, w["W1"], w_new["W1"], g1, res.get("s1"), mb, dw_new["W1"], dw_new["b1"],
       dzq, dots)
@@ -336,8 +338,8 @@ def recompute_backward(inner: str, w: Weights, ln_w: jax.Array, ln_b: jax.Array,
                        dots: Dots) -> tuple[Weights, jax.Array, jax.Array, MiniBatch]:
   """`backward` of one mini-batch, its `forward` recomputed from w, the weights before it.
 
-  For the kernels, where a group's residuals would not fit on chip, and for scan.py without
-  checkpoint groups. Returns what `backward` returns.
+  For the kernels, where a group's residuals would not fit on chip. Returns what `backward`
+  returns.
   """
   w_new, _, res = forward(inner, w, ln_w, ln_b, mb, eps=eps, dots=dots)
   return backward(inner, w, w_new, ln_w, ln_b, mb, res, dw_new, dz, dots=dots)

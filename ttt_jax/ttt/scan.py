@@ -13,9 +13,11 @@ Implementations that return the same numbers:
     "dual form", never materialising per-token weights) under lax.scan, with a custom_vjp whose
     backward is dual.backward: groups in reverse, carrying the cotangent of W_i; each group's
     forward re-run once from the weights saved at its start, its residuals kept, then its
-    mini-batches pulled back in reverse. The scans run over [n, batch * heads, ...] with the
-    step vmapped over batch * heads, so every term is one batched matmul and the groups are cut
-    without transposes.
+    mini-batches pulled back in reverse. checkpoint_group_size=None saves every mini-batch's
+    weights and residuals in the forward instead, and the backward is dual.backward alone (no
+    forward matmul twice; memory grows with them, see `ttt_scan`). The scans run over
+    [n, batch * heads, ...] with the step vmapped over batch * heads, so every term is one
+    batched matmul and the groups are cut without transposes.
   impl="dual_autodiff": the same forward, differentiated by JAX through the scan and jax.checkpoint
     (the backward before dual.backward existed; bench/ttt_layer.py measures against it).
   impl="pallas": the fused kernels of pallas_kernels/ (same semantics, see that package).
@@ -84,10 +86,6 @@ class _DualConfig:
     step = functools.partial(dual.backward, self.inner, dots=self.dots)
     return jax.vmap(step)(w, w_new, ln_w, ln_b, mb, res, dw_new, dz)
 
-  def recompute_backward(self, w, ln_w, ln_b, mb, dw_new, dz):
-    step = functools.partial(dual.recompute_backward, self.inner, eps=self.eps, dots=self.dots)
-    return jax.vmap(step)(w, ln_w, ln_b, mb, dw_new, dz)
-
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _dual_scan(cfg: _DualConfig, w0: inner_lib.Weights, ln_w: jax.Array, ln_b: jax.Array,
@@ -112,13 +110,14 @@ def _split_groups(tree, g: int):
 def _dual_scan_fwd(cfg, w0, ln_w, ln_b, xs):
   step = lambda w, mb: cfg.step(w, ln_w, ln_b, mb)
   if cfg.group_size is None:
-    # Keep every mini-batch's starting weights.
+    # Keep every mini-batch's starting weights and `dual.forward`'s residuals: the backward then
+    # runs `dual.backward` alone, no forward matmul again.
     def collect(w, mb):
-      w_new, z = step(w, mb)
-      return w_new, (z, w)
+      w_new, z, res = cfg.forward(w, ln_w, ln_b, mb)
+      return w_new, (z, w, res)
 
-    w, (z, ws) = jax.lax.scan(collect, w0, xs)
-    return (w, z), (ln_w, ln_b, xs, ws)
+    w, (z, ws, res) = jax.lax.scan(collect, w0, xs)
+    return (w, z), (ln_w, ln_b, xs, (ws, w, res))
   # Keep only the weights at group starts; the backward re-runs one group at a time.
   full, tail = _split_groups(xs, cfg.group_size)
 
@@ -165,14 +164,17 @@ def _dual_scan_bwd(cfg, saved, cotangents):
   dw, dz = cotangents
   carry = (dw, jnp.zeros_like(ln_w), jnp.zeros_like(ln_b))
   if cfg.group_size is None:
-    # Each mini-batch's activations recomputed from its saved starting weights.
+    # In reverse; the weights after mini-batch i (those before i + 1) ride in the carry, so the
+    # saved stack is not copied into a shifted one.
     def body(carry, inputs):
-      dw, d_lnw, d_lnb = carry
-      w, mb, dz_i = inputs
-      dw, dlnw_i, dlnb_i, d_mb = cfg.recompute_backward(w, ln_w, ln_b, mb, dw, dz_i)
-      return (dw, d_lnw + dlnw_i, d_lnb + dlnb_i), d_mb
+      dw, w_new, d_lnw, d_lnb = carry
+      w, mb, res, dz_i = inputs
+      dw, dlnw_i, dlnb_i, d_mb = cfg.backward(w, w_new, ln_w, ln_b, mb, res, dw, dz_i)
+      return (dw, w, d_lnw + dlnw_i, d_lnb + dlnb_i), d_mb
 
-    (dw, d_lnw, d_lnb), dxs = jax.lax.scan(body, carry, (rest, xs, dz), reverse=True)
+    ws, w_final, res = rest
+    (dw, _, d_lnw, d_lnb), dxs = jax.lax.scan(body, (dw, w_final, *carry[1:]), (ws, xs, res, dz),
+                                              reverse=True)
     return dw, d_lnw, d_lnb, dxs
 
   def group(carry, inputs):
@@ -257,9 +259,14 @@ def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.A
       tokens (which leave the weights unchanged) and the padding is trimmed from z.
     causal: within-mini-batch causal read-out (language models) instead of W_i for all (video).
     impl: "grad", "dual", "dual_autodiff" or "pallas" (same numbers; see the module docstring).
-    checkpoint_group_size: rematerialise every this many mini-batches in the backward pass;
-      None keeps every mini-batch's residuals (impl="dual": its starting weights). impl="dual"
-      unrolls a group in its backward, so compile time grows with it (16: about twice 4's).
+    checkpoint_group_size: rematerialise every this many mini-batches in the backward pass
+      (the weights are saved at group starts; the backward re-runs one group's forward at a
+      time). impl="dual" unrolls a group in its backward, so compile time grows with it (16:
+      about twice 4's). None rematerialises nothing: every mini-batch's residuals are kept, and
+      impl="dual"'s backward runs only `dual.backward` (it keeps each mini-batch's starting
+      weights and `dual.forward`'s activations: for MLP with hidden h, 2 d h + 5 b h + 2 b d
+      numbers a mini-batch and head, + 2 b^2 causal, about 5x the inputs and their gradients
+      at d = 64, b = 64). impl="pallas" always rematerialises (an int >= 1).
     eps: inner LayerNorm epsilon (the reference uses 1e-8).
     matmul_dtype: operand dtype of the inner matmuls for the dual and pallas impls, e.g.
       jnp.bfloat16 (the MXU's and tensor cores' rate); the inner state, the statistics and the
@@ -289,6 +296,11 @@ def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.A
   n_mb = (seq + pad) // mini_batch_size
 
   if impl == "pallas":
+    if checkpoint_group_size is None:
+      raise ValueError("impl='pallas' recomputes each checkpoint group in its backward and keeps "
+                       "no residuals: checkpoint_group_size=None (keep every mini-batch's "
+                       "residuals) is impl='dual''s; pass an int >= 1 (1: weights at every "
+                       "mini-batch)")
     # Imported here: the kernels are optional at import time and pull in Pallas.
     from pallas_kernels import ttt_scan_pallas
     # The kernels take their matmul operands in xq's dtype.
