@@ -4,6 +4,8 @@
       [--impls grad,dual_autodiff,dual] [--causal false,true] [--memory_seqs 4096,16384,65536]
       [--mini_batch_size 24 --checkpoint_group_size 4]   (the toy job's TTT-MLP: add --batch 8
       --head_dim 32)
+      [--checkpoint_group_size 16,none]   (a row for each: none keeps every mini-batch's
+      residuals, so impl=dual's backward runs no forward matmul again)
 
 Per case: tokens/s forward and forward+backward and their ratio; achieved FLOP/s over the FLOP/s
 of a dense jnp.dot measured in the same process (`fraction_of_matmul`, so numbers from a noisy
@@ -64,7 +66,8 @@ def bench_ttt(inner, impl, causal, batch, heads, seq, d, mb, group, repeats, rat
       fwd_bwd, *args, repeats=repeats)[1]
   flops = ttt_forward_flops(inner, batch * seq * heads, d)
   return _record(f"ttt_{inner}", impl, batch, heads, seq, t_fwd, t_bwd, flops, rate,
-                 _peak_bytes(fwd_bwd, *args), causal=causal, mini_batch_size=mb, head_dim=d)
+                 _peak_bytes(fwd_bwd, *args), causal=causal, mini_batch_size=mb, head_dim=d,
+                 checkpoint_group_size=group)
 
 
 def ttt_memory(inner, impl, causal, batch, heads, seq, d, mb, group):
@@ -122,30 +125,31 @@ def main(argv=None):
   parser.add_argument("--inners", default="mlp,linear")
   parser.add_argument("--mini_batch_size", type=int, default=None,
                       help="tokens per inner step; default the paper's 64 (MLP) / 16 (Linear)")
-  parser.add_argument("--checkpoint_group_size", type=int, default=16)
+  parser.add_argument("--checkpoint_group_size", default="16",
+                      help="comma-separated group sizes, each a row; none: no rematerialisation")
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args(argv)
 
   causals = [{"false": False, "true": True}[c] for c in args.causal.split(",")]
+  groups = [None if g == "none" else int(g) for g in args.checkpoint_group_size.split(",")]
   rate = matmul_rate((1024, 1024), (1024, 1024), repeats=args.repeats)
   print(json.dumps({"case": "dense_matmul_1024", "flops_per_s": round(rate),
                     "device": jax.devices()[0].device_kind}), flush=True)
   for seq in map(int, args.seqs.split(",")):
     for inner in args.inners.split(","):
       mb = args.mini_batch_size or _PAPER_MINI_BATCH[inner]
-      for causal, impl in itertools.product(causals, args.impls.split(",")):
+      for causal, impl, group in itertools.product(causals, args.impls.split(","), groups):
         print(json.dumps(bench_ttt(inner, impl, causal, args.batch, args.heads, seq,
-                                   args.head_dim, mb, args.checkpoint_group_size, args.repeats,
-                                   rate)), flush=True)
+                                   args.head_dim, mb, group, args.repeats, rate)), flush=True)
     if not args.no_attention:
       print(json.dumps(bench_attention(args.batch, args.heads, seq, args.head_dim, args.repeats,
                                        rate)), flush=True)
   for seq in (int(s) for s in args.memory_seqs.split(",") if s):
     for inner in args.inners.split(","):
       mb = args.mini_batch_size or _PAPER_MINI_BATCH[inner]
-      for causal, impl in itertools.product(causals, args.impls.split(",")):
+      for causal, impl, group in itertools.product(causals, args.impls.split(","), groups):
         print(json.dumps(ttt_memory(inner, impl, causal, args.batch, args.heads, seq,
-                                    args.head_dim, mb, args.checkpoint_group_size)), flush=True)
+                                    args.head_dim, mb, group)), flush=True)
 
 
 if __name__ == "__main__":
