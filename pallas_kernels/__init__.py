@@ -25,8 +25,8 @@ def _eta_inputs(eta: jax.Array, causal: bool, mini_batch_size: int) -> list[jax.
 def ttt_scan_pallas(inner: str, params: dict[str, jax.Array], xq: jax.Array, xk: jax.Array,
                     xv: jax.Array, eta: jax.Array, *, mini_batch_size: int, causal: bool = False,
                     checkpoint_group_size: int | None = None, eps: float = 1e-8,
-                    interpret: bool | pltpu.InterpretParams | None = None
-                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                    interpret: bool | pltpu.InterpretParams | None = None,
+                    platform: str | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mini-batch TTT over a sequence with the fused kernels; differentiable (custom_vjp).
 
   Args:
@@ -42,9 +42,12 @@ def ttt_scan_pallas(inner: str, params: dict[str, jax.Array], xq: jax.Array, xk:
     checkpoint_group_size: the forward saves the weights every this many mini-batches and the
       backward recomputes one group at a time; None saves them at every mini-batch.
     eps: inner LayerNorm epsilon.
-    interpret: run the kernels in the Pallas interpreter; None: unless on TPU or GPU. A
+    interpret: run the kernels in the Pallas interpreter; None: unless `platform` is TPU or GPU. A
       pltpu.InterpretParams runs the TPU kernels (HBM-resident sequence, explicit DMAs) in the
       TPU interpreter on any backend.
+    platform: the platform the program compiles for ("tpu", "gpu", "cpu"; see
+      common.kernel_platform); None: jax.default_backend(). Not the host's backend when a CPU
+      host compiles for TPU devices ahead of time.
 
   Returns:
     z [batch, heads, seq, head_dim] in xq's dtype, and the final inner weights (keys of params
@@ -68,7 +71,7 @@ def ttt_scan_pallas(inner: str, params: dict[str, jax.Array], xq: jax.Array, xk:
   state_dtype = jnp.promote_types(jnp.result_type(*params.values()), jnp.float32)
   state_dtype = jnp.promote_types(state_dtype, xq.dtype)
   n_mb = seq // b
-  platform, interpret_arg = common.kernel_platform(interpret)
+  platform, interpret_arg = common.kernel_platform(interpret, platform)
   cfg = common.ScanConfig(
       inner=inner, causal=causal, eps=float(eps),
       mini_batch_size=b, group_size=min(checkpoint_group_size or 1, n_mb),

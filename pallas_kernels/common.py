@@ -22,9 +22,10 @@ Backends (`ScanConfig.platform`): Mosaic on TPU, Triton on GPU, the Pallas inter
 On TPU everything that grows with the sequence stays in HBM and the kernels copy one mini-batch
 (or one checkpoint) at a time through VMEM; the copies are synchronous, not yet double-buffered
 against the matmuls. Only interpreters have run these kernels (tests on CPU, including the TPU
-kernels in Pallas' TPU interpreter, which simulates HBM/VMEM and the DMAs); for TPU and GPU they
-are known to lower (Pallas -> Mosaic / Triton IR, bf16, forward and backward) but have not been
-compiled or timed on hardware.
+kernels in Pallas' TPU interpreter, which simulates HBM/VMEM and the DMAs); for TPU they compile
+ahead of time (libtpu on a CPU host, bf16, forward and backward, sharded over a v5p-8:
+tests/test_aot_compile.py), for GPU they are known to lower to Triton IR; neither has been run or
+timed on hardware.
 """
 from __future__ import annotations
 
@@ -347,15 +348,19 @@ def _fused_scan_bwd(cfg, res, cotangents):
 fused_scan.defvjp(_fused_scan_fwd, _fused_scan_bwd)
 
 
-def kernel_platform(interpret: Any) -> tuple[str, Any]:
+def kernel_platform(interpret: Any, platform: str | None = None) -> tuple[str, Any]:
   """(ScanConfig.platform, ScanConfig.interpret) for ttt_scan_pallas's `interpret` argument.
 
-  None: interpret unless the default backend is a TPU or GPU; True: interpret; False: compile;
+  `platform`: that of the devices the program compiles for ("tpu", "gpu", "cuda", "rocm",
+  "cpu"); None: jax.default_backend(). A CPU host compiling for compile-only TPU devices passes
+  "tpu" and gets the Mosaic kernels.
+  None: interpret unless that platform is a TPU or GPU; True: interpret; False: compile;
   a pltpu.InterpretParams: the TPU kernels in the TPU interpreter.
   """
   if isinstance(interpret, pltpu.InterpretParams):
     return "tpu_interpret", interpret
-  backend = "gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else jax.default_backend()
+  platform = platform or jax.default_backend()
+  backend = "gpu" if platform in ("gpu", "cuda", "rocm") else platform
   if interpret or (interpret is None and backend not in ("tpu", "gpu")):
     return "interpret", True
   if backend not in ("tpu", "gpu"):

@@ -49,3 +49,45 @@ def test_plan_refuses_a_batch_that_would_be_replicated():
       "python -m ttt_jax.plan: error: config.train.batch_size=2 in 1 micro-batch(es) "
       "(train.grad_accum_steps) of 2 does not split over data x fsdp = 4 devices: the batch "
       "would be replicated; make the micro-batch a multiple of 4")
+
+
+def _v5p_8_mesh(**axes):
+  """A data x tensor mesh over the 4 compile-only chips of a v5p-8."""
+  pytest.importorskip("libtpu")
+  from ttt_jax import plan  # pylint: disable=g-import-not-at-top
+  from ttt_jax.parallel import make_mesh  # pylint: disable=g-import-not-at-top
+  return make_mesh(devices=plan.topology_devices("v5p-8"), **axes)
+
+
+def _mosaic_kernels(compiled) -> int:
+  return compiled.as_text().count('custom_call_target="tpu_custom_call"')
+
+
+def test_sharded_pallas_ttt_scan_compiles_for_a_v5p_8():
+  """The Mosaic TTT kernels, forward and backward, inside the shard_map over batch and heads;
+  the CPU host picks Mosaic (not the interpreter) from the mesh's devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from ttt_jax.mixers.ttt import sharded_ttt_scan  # pylint: disable=g-import-not-at-top
+  from ttt_jax.parallel import activation_rules  # pylint: disable=g-import-not-at-top
+  from ttt_jax.ttt import inner as inner_lib  # pylint: disable=g-import-not-at-top
+  mesh = _v5p_8_mesh(data=2, tensor=2)
+  batch, heads, seq, d = 4, 4, 256, 64
+  sds = lambda shape, dtype, spec: jax.ShapeDtypeStruct(shape, dtype,
+                                                        sharding=NamedSharding(mesh, spec))
+  params = {k: sds(v.shape, v.dtype, P("tensor"))
+            for k, v in jax.eval_shape(lambda: inner_lib.init_params(
+                "mlp", jax.random.key(0), heads, d)).items()}
+  x = sds((batch, heads, seq, d), jnp.bfloat16, P("data", "tensor"))
+  eta = sds((batch, heads, seq), jnp.float32, P("data", "tensor"))
+
+  def grads(params, xq, xk, xv, eta):
+    with activation_rules(mesh):
+      loss = lambda *a: jnp.sum(sharded_ttt_scan("mlp", *a, mini_batch_size=64,
+                                                 impl="pallas")[0].astype(jnp.float32) ** 2)
+      return jax.grad(loss, argnums=tuple(range(5)))(params, xq, xk, xv, eta)
+
+  compiled = jax.jit(grads).lower(params, x, x, x, eta).compile()
+  assert _mosaic_kernels(compiled) == 2   # the forward and the backward kernel
+

@@ -111,3 +111,42 @@ def test_context_parallel_train_steps_match_one_device(axes, tmp_path):
   training.train(c, str(tmp_path / "sharded"), loader=FakeLoader(c), mesh=make_mesh(**axes))
   np.testing.assert_allclose([l for _, l in _losses(tmp_path / "sharded")],
                              [l for _, l in _losses(tmp_path / "one")], rtol=1e-5)
+
+
+@pytest.mark.parametrize("axes", [dict(data=2, tensor=4), dict(data=1, fsdp=4, tensor=2),
+                                  dict(data=1, context=2, tensor=4)])
+def test_sharded_pallas_ttt_scan_matches_unsharded(axes):
+  """impl="pallas" (interpreted) under activation_rules runs inside a shard_map over batch and
+  heads and gives the unsharded outputs and gradients; the per-head W0 and LayerNorm, shared by
+  the batch, get their gradient summed over the batch shards. context=2 splits nothing here:
+  its devices repeat the same blocks."""
+  from ttt_jax.mixers.ttt import sharded_ttt_scan  # pylint: disable=g-import-not-at-top
+  from ttt_jax.parallel import activation_rules  # pylint: disable=g-import-not-at-top
+  from ttt_jax.ttt import inner as inner_lib  # pylint: disable=g-import-not-at-top
+  batch, heads, seq, d = 4, 4, 24, 8
+  keys = jax.random.split(jax.random.key(0), 5)
+  params = inner_lib.init_params("mlp", keys[0], heads, d)
+  params = {k: v + 0.1 * jax.random.normal(keys[4], v.shape) for k, v in params.items()}
+  xq, xk, xv = (jax.random.normal(k, (batch, heads, seq, d)) for k in keys[1:4])
+  eta = jax.random.uniform(keys[4], (batch, heads, seq), maxval=0.2)
+  args = (params, xq, xk, xv, eta)
+
+  def loss(*args):
+    # A cotangent on z and on the final weights, so both backward paths are checked.
+    z, final = sharded_ttt_scan("mlp", *args, mini_batch_size=8, impl="pallas",
+                                checkpoint_group_size=2)
+    return jnp.sum(jnp.sin(z)) + sum(jnp.sum(jnp.cos(w)) for w in final.values()), (z, final)
+
+  grads = jax.value_and_grad(loss, argnums=tuple(range(5)), has_aux=True)
+  (_, want), want_grads = jax.jit(grads)(*args)
+  mesh = make_mesh(**axes)
+
+  def sharded(*args):
+    with activation_rules(mesh):
+      return grads(*args)
+
+  assert "shard_map" in str(jax.make_jaxpr(sharded)(*args))
+  (_, got), got_grads = jax.jit(sharded)(*args)
+  for g, w in zip(jax.tree.leaves((got, got_grads)), jax.tree.leaves((want, want_grads))):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt_jax.mixers.common import SequenceMixer, apply_rope, layer_norm, linear
+from ttt_jax.parallel import mesh as mesh_lib
 from ttt_jax.ttt import inner as inner_lib
 from ttt_jax.ttt.scan import DEFAULT_CHECKPOINT_GROUP_SIZE, ttt_scan
 
@@ -53,6 +55,28 @@ def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   (not common.l2_normalize, fla's eps inside the root); the norm in at least float32."""
   norm_sq = jnp.sum(jnp.square(_at_least_f32(x)), axis=-1, keepdims=True)
   return (x * jax.lax.rsqrt(jnp.maximum(norm_sq, eps * eps))).astype(x.dtype)
+
+
+def sharded_ttt_scan(inner: str, params: dict[str, jax.Array], xq: jax.Array, xk: jax.Array,
+                     xv: jax.Array, eta: jax.Array, **scan_kwargs: Any
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`ttt_scan` as the mixer runs it in a sharded step: same arguments, shapes and results.
+
+  impl="pallas" under `activation_rules` runs the kernels inside `jax.shard_map` (XLA cannot
+  partition a Mosaic kernel), each device on its block of xq, xk, xv, eta [batch, heads, seq,
+  ...] (batch split as "activation_batch", heads as "activation_heads", the sequence whole) and
+  on its heads of the initial inner weights and LayerNorm params [heads, ...], which are
+  replicated over the batch axes: their gradient is summed over those axes by shard_map's
+  transpose. The kernels compile for the mesh's platform (mesh.compile_platform). Other impls
+  are plain XLA and left to its partitioner.
+  """
+  if scan_kwargs.get("impl") != "pallas":
+    return ttt_scan(inner, params, xq, xk, xv, eta, **scan_kwargs)
+  scan = functools.partial(ttt_scan, inner, platform=mesh_lib.compile_platform(), **scan_kwargs)
+  per_bh = ("activation_batch", "activation_heads")
+  return mesh_lib.logical_shard_map(
+      scan, in_names=(("activation_heads",), per_bh, per_bh, per_bh, per_bh),
+      out_names=(per_bh, per_bh))(params, xq, xk, xv, eta)
 
 
 class TTTLayer(SequenceMixer):
@@ -133,8 +157,9 @@ class TTTLayer(SequenceMixer):
     to_bhsd = lambda a: jnp.transpose(a, (0, 2, 1, 3))
     params = {k: v[...] for k, v in self.inner_weights.items()}
     params.update(ln_weight=ln_w, ln_bias=ln_b)
-    z, _ = ttt_scan(self.inner, params, to_bhsd(xq), to_bhsd(xk), to_bhsd(xv), self.inner_lr(x),
-                    mini_batch_size=self.mini_batch_size, impl=self.impl,
-                    checkpoint_group_size=self.checkpoint_group_size, eps=self.inner_eps)
+    z, _ = sharded_ttt_scan(self.inner, params, to_bhsd(xq), to_bhsd(xk), to_bhsd(xv),
+                            self.inner_lr(x), mini_batch_size=self.mini_batch_size,
+                            impl=self.impl, checkpoint_group_size=self.checkpoint_group_size,
+                            eps=self.inner_eps)
     z = jnp.transpose(z, (0, 2, 1, 3)).reshape(x.shape)
     return self.wo(self.post_norm(z))

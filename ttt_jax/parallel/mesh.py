@@ -10,10 +10,20 @@ the model. Mesh axes:
 
 Activations are pinned by `constrain` while the train step traces under `activation_rules`:
 the residual stream [batch, seq, width] is split over (data x fsdp) by batch and over context by
-sequence; q/k/v over tensor by heads; the MLP hidden over tensor. Not yet done (issue 12): the
-all-to-all from sequence to head sharding around attention and TTT (Ulysses), so with context > 1
-XLA gathers the sequence where a segment's attention or the TTT scan needs all of it, and the
-segment gather/scatter of models/dit.Layout does the same.
+sequence; q/k/v over tensor by heads; the MLP hidden over tensor.
+
+Pallas kernels, which XLA cannot partition (the impl="pallas" TTT scan), run
+inside `jax.shard_map` through `logical_shard_map`: each device on its batch ("activation_batch")
+and heads ("activation_heads") with the whole sequence; per-head weights shared by the batch
+(the TTT's W0 and inner LayerNorm) are replicated over the batch axes and their gradient summed
+over them. The kernels compile for the mesh's devices (`compile_platform`), so a CPU host
+compiling for compile-only TPU devices (ttt_jax/plan.py) gets Mosaic kernels, not the
+interpreter.
+
+Not yet done (issue 12): the all-to-all from sequence to head sharding around attention and TTT
+(Ulysses), so with context > 1 XLA gathers the sequence where a segment's attention or the TTT
+scan needs all of it (inside those shard_maps every context device repeats the same blocks), and
+the segment gather/scatter of models/dit.Layout does the same.
 """
 from __future__ import annotations
 
@@ -167,3 +177,51 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   mesh, rules = _ACTIVE[-1]
   return jax.lax.with_sharding_constraint(
       x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
+
+
+def compile_platform() -> str:
+  """The platform the program being traced compiles for: that of the innermost
+  `activation_rules` mesh's devices ("tpu" for `get_topology_desc`'s compile-only devices on a
+  CPU host), else jax's default backend. Pallas kernels pick Mosaic, Triton or the interpreter
+  by it."""
+  if _ACTIVE:
+    return _ACTIVE[-1][0].devices.flat[0].platform
+  return jax.default_backend()
+
+
+def _names_prefix(names: Any) -> bool:
+  return isinstance(names, tuple) and all(n is None or isinstance(n, str) for n in names)
+
+
+def _specs(names: Any, tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+  """A PartitionSpec for every array of `tree`, from the names tuple at its place in `names` (a
+  tuple covers the leading axes of every array below it; the rest are unsharded)."""
+  def spec(prefix, subtree):
+    return jax.tree.map(lambda x: logical_to_spec(
+        prefix + (None,) * (x.ndim - len(prefix)), x.shape, mesh, rules), subtree)
+  return jax.tree.map(spec, names, tree, is_leaf=_names_prefix)
+
+
+def logical_shard_map(f: Callable[..., Any], in_names: Any, out_names: Any
+                      ) -> Callable[..., Any]:
+  """`f` under `jax.shard_map` over the innermost `activation_rules` mesh, each array split by
+  the logical names of its leading axes; `f` itself outside the rules or on one device.
+
+  For code that XLA cannot partition (Pallas kernels): each device runs `f` on its blocks.
+  in_names / out_names mirror f's arguments / outputs, with a tuple of logical names, e.g.
+  ("activation_batch", "activation_heads"), in place of an array or of a subtree whose arrays
+  all share those leading axes. A mesh axis that no name maps to replicates: every device along
+  it computes the same blocks (outputs are taken from one). An argument whose names leave out
+  an axis that others split (per-head weights shared by a batch-split computation) gets, in the
+  backward pass, its cotangent summed over that axis: shard_map's transpose of a replicated
+  input (check_vma=False: Pallas' out_shapes carry no varying-axes types).
+  """
+  def call(*args):
+    if not _ACTIVE or _ACTIVE[-1][0].size == 1:
+      return f(*args)
+    mesh, rules = _ACTIVE[-1]
+    in_specs = _specs(in_names, args, mesh, rules)
+    out_specs = _specs(out_names, jax.eval_shape(f, *args), mesh, rules)
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)(*args)
+  return call

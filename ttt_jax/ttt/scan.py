@@ -242,8 +242,8 @@ def _check_inputs(inner, params, xq, xk, xv, eta, mini_batch_size, impl):
 def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.Array,
              eta: jax.Array, *, mini_batch_size: int, causal: bool = False, impl: str = "grad",
              checkpoint_group_size: int | None = DEFAULT_CHECKPOINT_GROUP_SIZE,
-             eps: float = inner_lib.DEFAULT_EPS,
-             matmul_dtype: Any = None) -> tuple[jax.Array, Params]:
+             eps: float = inner_lib.DEFAULT_EPS, matmul_dtype: Any = None,
+             platform: str | None = None) -> tuple[jax.Array, Params]:
   """Runs mini-batch TTT over a sequence for every (batch, head).
 
   Args:
@@ -271,6 +271,8 @@ def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.A
     matmul_dtype: operand dtype of the inner matmuls for the dual and pallas impls, e.g.
       jnp.bfloat16 (the MXU's and tensor cores' rate); the inner state, the statistics and the
       accumulation stay in the state dtype. None: the state dtype.
+    platform: impl="pallas" only: the platform the program compiles for ("tpu", "gpu" compile
+      the kernels, anything else interprets them); None: jax.default_backend().
 
   Returns:
     z: [batch, heads, seq, head_dim] in xq's dtype.
@@ -307,7 +309,7 @@ def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.A
     xq, xk, xv = (a.astype(matmul_dtype or dtype) for a in (xq, xk, xv))
     z, final = ttt_scan_pallas(inner, params, xq, xk, xv, eta, mini_batch_size=mini_batch_size,
                                causal=causal, checkpoint_group_size=checkpoint_group_size,
-                               eps=eps)
+                               eps=eps, platform=platform)
     return z[:, :, :seq].astype(out_dtype), final
 
   to_mb = lambda a: a.reshape(batch, heads, n_mb, mini_batch_size, d)
