@@ -91,3 +91,42 @@ def test_sharded_pallas_ttt_scan_compiles_for_a_v5p_8():
   compiled = jax.jit(grads).lower(params, x, x, x, eta).compile()
   assert _mosaic_kernels(compiled) == 2   # the forward and the backward kernel
 
+
+def test_splash_attention_compiles_for_a_v5p_8():
+  """Splash, forward and backward, inside the shard_map; 300 tokens pad to 384 (3 tiles of 128)
+  with the padded keys masked; head_dim 64 as CogVideoX's."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from ttt_jax.models.layers import splash_attention  # pylint: disable=g-import-not-at-top
+  from ttt_jax.parallel import activation_rules  # pylint: disable=g-import-not-at-top
+  mesh = _v5p_8_mesh(data=2, tensor=2)
+  x = jax.ShapeDtypeStruct((4, 300, 4, 64), jnp.bfloat16,
+                           sharding=NamedSharding(mesh, P("data", None, "tensor")))
+
+  def grads(q, k, v):
+    with activation_rules(mesh):
+      loss = lambda *a: jnp.sum(splash_attention(*a).astype(jnp.float32) ** 2)
+      return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  compiled = jax.jit(grads).lower(x, x, x).compile()
+  assert _mosaic_kernels(compiled) == 3   # forward, dq and dkv kernels
+
+
+def test_plan_runlocal_with_pallas_ttt_and_splash_for_a_v5p_8():
+  """The DiT train step with impl="pallas" and splash attention on fsdp=2 x tensor=2: the Mosaic
+  kernels (not the interpreter) in the sharded step."""
+  pytest.importorskip("libtpu")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run(
+      [sys.executable, "-m", "ttt_jax.plan", "--config=configs/tomjerry_3s.py:runlocal,bf16",
+       "--topology=v5p-8", "--mesh.fsdp=2", "--mesh.tensor=2", "--remat=save_dots",
+       "--config.train.batch_size=4", "--config.model.mixer_options.impl=pallas",
+       "--attention=splash"],
+      cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+      timeout=600, check=True)
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  assert r["attention"] == "splash" and r["fits"]
+  assert r["mesh"] == {"data": 1, "fsdp": 2, "context": 1, "tensor": 2}
+  # Splash's forward, dq and dkv kernels and the TTT forward and backward kernels, at least.
+  assert r["mosaic_kernels"] >= 5, r

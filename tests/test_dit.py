@@ -256,15 +256,31 @@ def test_chunked_attention_matches_and_its_memory_is_linear_in_length():
   assert linear[1] < full[1] / 4
 
 
-def test_dit_with_chunked_attention_matches_xla_attention():
+@pytest.mark.parametrize("seq, heads, dim", [(100, 3, 16), (256, 2, 8)])
+def test_splash_attention_matches_xla_attention(seq, heads, dim):
+  """Splash (interpreted on CPU): 100 tokens pad to 128 with the padded keys masked; 256 need no
+  padding and run in 256-token tiles."""
+  from ttt_jax.models.layers import attention, splash_attention  # pylint: disable=g-import-not-at-top
+  q, k, v, dy = (jax.random.normal(key, (2, seq, heads, dim))
+                 for key in jax.random.split(jax.random.key(0), 4))
+  np.testing.assert_allclose(jax.jit(splash_attention)(q, k, v), attention(q, k, v), rtol=1e-5,
+                             atol=1e-6)
+  loss = lambda fn: lambda q, k, v: jnp.vdot(fn(q, k, v), dy)
+  for got, want in zip(jax.jit(jax.grad(loss(splash_attention), (0, 1, 2)))(q, k, v),
+                       jax.grad(loss(attention), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "splash"])
+def test_dit_attention_impl_matches_xla_attention(impl):
   cfg = DiTConfig(num_heads=2, head_dim=16, num_layers=2, in_channels=4, out_channels=4,
                   text_embed_dim=32, time_embed_dim=16, sample_height=4, sample_width=6,
                   max_text_seq_length=10, mixer="ttt_mlp",
                   mixer_options=(("mini_batch_size", 16),))
   latents = jax.random.normal(jax.random.key(1), (1, 25, 4, 4, 6))   # 2 segments of 48 + 10
   text = jax.random.normal(jax.random.key(2), (1, 2, 10, 32))
-  outs = [DiT(dataclasses.replace(cfg, attention_impl=impl, attention_query_chunk=16),
-              rngs=nnx.Rngs(0))(latents, text, jnp.array([500])) for impl in ("xla", "chunked")]
+  outs = [DiT(dataclasses.replace(cfg, attention_impl=name, attention_query_chunk=16),
+              rngs=nnx.Rngs(0))(latents, text, jnp.array([500])) for name in ("xla", impl)]
   np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 

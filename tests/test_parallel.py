@@ -150,3 +150,22 @@ def test_sharded_pallas_ttt_scan_matches_unsharded(axes):
   for g, w in zip(jax.tree.leaves((got, got_grads)), jax.tree.leaves((want, want_grads))):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
+
+def test_sharded_splash_attention_matches_unsharded():
+  """Splash (interpreted) under activation_rules: a shard_map over batch (data) and heads
+  (tensor); the unsharded values and gradients."""
+  from ttt_jax.models.layers import splash_attention  # pylint: disable=g-import-not-at-top
+  from ttt_jax.parallel import activation_rules  # pylint: disable=g-import-not-at-top
+  q, k, v, dy = (jax.random.normal(key, (2, 100, 4, 8))
+                 for key in jax.random.split(jax.random.key(0), 4))
+  grads = jax.value_and_grad(lambda *a: jnp.vdot(splash_attention(*a), dy), argnums=(0, 1, 2))
+  want = jax.jit(grads)(q, k, v)
+  mesh = make_mesh(data=2, tensor=4)
+
+  def sharded(*args):
+    with activation_rules(mesh):
+      return grads(*args)
+
+  assert "shard_map" in str(jax.make_jaxpr(sharded)(q, k, v))
+  for g, w in zip(jax.tree.leaves(jax.jit(sharded)(q, k, v)), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

@@ -3,7 +3,7 @@ and prints one JSON object: does the stage fit, and how.
 
   python -m ttt_jax.plan --config=configs/tomjerry_3s.py --topology=v5p-128 \
       [--mesh.fsdp=64 --mesh.context=1 --remat=full --remat_every_k_layers=1 \
-       --attention=chunked] [--config.FIELD=VALUE ...]
+       --attention=splash] [--config.FIELD=VALUE ...]
 
 The TPU compiler is libtpu's (`pip install -e ".[tpu]"`); `get_topology_desc` gives compile-only
 devices for the slice, so nothing runs and no TPU is needed (maxtext's train_compile.py). The
@@ -18,9 +18,11 @@ Keys: params, trainable_params, devices, mesh, grad_accum_steps, remat, per_devi
 arguments + outputs + temps - aliases (memory_analysis, per chip), hbm_bytes, fits,
 flops_per_step (cost_analysis, per chip; it counts a while loop's body once, so the scanned
 layers, micro-batches and chunked attention are undercounted: 2.8e13 for the 3 s stage, where
-6 x params x tokens alone is ~7.8e14 a sample), lower_seconds, compile_seconds,
-peak_host_rss_bytes. A step over HBM does not compile for TPU: then fits is false,
-per_device_bytes null, and temp_bytes is what the compiler said its temporaries need.
+6 x params x tokens alone is ~7.8e14 a sample), mosaic_kernels (Pallas kernel calls in the
+compiled program: splash attention, the impl="pallas" TTT scan; 0 where they were interpreted
+as plain XLA), lower_seconds, compile_seconds, peak_host_rss_bytes. A step over HBM does not
+compile for TPU: then fits is false, per_device_bytes null, and temp_bytes is what the compiler
+said its temporaries need.
 
 Measured (README "Plan"): tomjerry_3s, 42 layers, v5p-128 (64 chips), fsdp=64, global batch
 64 (1 sample a chip, 1 micro-batch), chunked attention, remat full: 24.27 GiB a chip (temps
@@ -51,6 +53,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from ttt_jax import cli, training  # noqa: E402
 from ttt_jax.models.dit import remat_policy  # noqa: E402
+from ttt_jax.models.layers import IMPLEMENTATIONS  # noqa: E402
 from ttt_jax.parallel import mesh as mesh_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file", lock_config=False)
@@ -59,7 +62,8 @@ _MESH = {axis: flags.DEFINE_integer(f"mesh.{axis}", None, f"config.mesh.{axis}")
          for axis in mesh_lib.MESH_AXES}
 _REMAT = flags.DEFINE_string("remat", None, "config.model.remat: none, full, save_dots, offload")
 _EVERY_K = flags.DEFINE_integer("remat_every_k_layers", None, "config.model.remat_every_k_layers")
-_ATTENTION = flags.DEFINE_string("attention", None, "config.model.attention_impl: xla, chunked")
+_ATTENTION = flags.DEFINE_enum("attention", None, list(IMPLEMENTATIONS),
+                               "config.model.attention_impl")
 
 # Slice name -> (libtpu topology, chips per host, wrap-around links). v5p-N has N/2 chips (two
 # cores each, run as one "megacore" device); slices of a full 4x4x4 cube or more are tori.
@@ -147,6 +151,7 @@ def compile_train_step(config, devices: list[jax.Device]) -> dict:
       "per_device_bytes": (mem.argument_size_in_bytes + mem.output_size_in_bytes
                            + mem.temp_size_in_bytes - mem.alias_size_in_bytes),
       "flops_per_step": cost.get("flops"),
+      "mosaic_kernels": compiled.as_text().count('custom_call_target="tpu_custom_call"'),
   }
 
 

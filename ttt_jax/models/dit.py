@@ -119,7 +119,8 @@ class DiTConfig:
   local_attention: bool = True       # False: one attention over the whole video (RoPE
                                      # positions still restart per segment)
   attention_impl: str = "xla"        # "chunked": memory linear in segment length (any
-                                     # backend); "cudnn": fused attention on NVIDIA GPUs
+                                     # backend); "cudnn": fused attention on NVIDIA GPUs;
+                                     # "splash": flash kernels on TPU (layers.splash_attention)
   attention_query_chunk: int = 512   # queries per chunk of "chunked"
   remat: bool | str = True           # REMAT_POLICIES name; True = "full", False = "none"
   remat_every_k_layers: int = 1      # k > 1: save only every k-th block's input (below)

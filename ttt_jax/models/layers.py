@@ -6,12 +6,17 @@ constraint while a step is traced under `ttt_jax.parallel.activation_rules`, a n
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 # The one linear and LayerNorm factories and RoPE sit with the mixers, which use them too.
 from ttt_jax.mixers.common import apply_rope, layer_norm, linear
+from ttt_jax.parallel import mesh as mesh_lib
 from ttt_jax.parallel.mesh import constrain
 
 Rope = tuple[jax.Array, jax.Array]
@@ -71,7 +76,7 @@ class ExpertAdaLN(nnx.Module):
     return self.norm(x) * (1 + scale) + shift, select_by_type(is_text, t_gate, gate)
 
 
-IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
+IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "splash")
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -101,6 +106,65 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return out.swapaxes(0, 1).reshape(batch, chunks * query_chunk, heads, dim)[:, :seq]
 
 
+@dataclasses.dataclass(frozen=True)
+class _KeysBefore(splash.Mask):
+  """Splash mask of shape [q_len, kv_len]: every query sees the keys before `length`; the keys
+  from `length` on are padding. Evaluated block by block, never as a dense [q_len, kv_len]
+  array (a 63 s segment padded to 17920 tokens would be 321 MB of bools per trace)."""
+  size: tuple[int, int]
+  length: int
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return self.size
+
+  def __getitem__(self, idx) -> np.ndarray:
+    rows, cols = (range(*s.indices(n)) for s, n in zip(idx, self.size))
+    return np.broadcast_to(np.arange(cols.start, cols.stop) < self.length,
+                           (len(rows), len(cols)))
+
+
+# Splash's tiles are multiples of the TPU's 128 lanes; larger ones amortise the per-tile work.
+_SPLASH_BLOCKS = (512, 256, 128)
+
+
+def _splash_per_device(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                       interpret: bool) -> jax.Array:
+  """`splash_attention` on one device's heads: [b, s, h, d] -> [b, s, h, d]."""
+  batch, seq, heads, dim = q.shape
+  padded = -(-seq // 128) * 128
+  block = next(b for b in _SPLASH_BLOCKS if padded % b == 0)
+  mask = (splash.FullMask((padded, padded)) if padded == seq
+          else _KeysBefore((padded, padded), seq))
+  kernel = splash.make_splash_mha(
+      splash.MultiHeadMask((mask,) * heads),
+      block_sizes=splash.BlockSizes(
+          block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block),
+      head_shards=1, q_seq_shards=1, interpret=interpret)
+  # [b, s, h, d] -> [b, h, padded, d]; splash does not scale the logits.
+  to_kernel = lambda a: jnp.pad(a.swapaxes(1, 2), ((0, 0), (0, 0), (0, padded - seq), (0, 0)))
+  out = jax.vmap(kernel)(to_kernel(q * (1 / np.sqrt(dim)).astype(q.dtype)), to_kernel(k),
+                         to_kernel(v))
+  return out[:, :, :seq].swapaxes(1, 2)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """`attention` with the TPU splash (flash) kernels: q, k, v [b, s, h, d] -> [b, s, h, d].
+
+  Bidirectional, no mask beyond padding: the sequence is padded to a multiple of 128 (splash's
+  tiles are multiples of 128 lanes) and the padded keys are masked off; tiles are 512, 256 or
+  128 tokens, the largest that divides the padded length. Under `activation_rules` it runs inside
+  `jax.shard_map`, each device on its batch ("activation_batch") and heads ("activation_heads")
+  with the whole sequence (splash cannot split the keys). Compiled (Mosaic) when the program is
+  for TPU devices (mesh.compile_platform), the Pallas interpreter elsewhere (tests on CPU).
+  """
+  interpret = mesh_lib.compile_platform() != "tpu"
+  names = ("activation_batch", None, "activation_heads")
+  run = lambda q, k, v: _splash_per_device(q, k, v, interpret=interpret)
+  return mesh_lib.logical_shard_map(run, in_names=(names,) * 3, out_names=names)(q, k, v)
+
+
 class Attention(nnx.Module):
   """Self-attention with QK-LayerNorm (eps 1e-6) and RoPE on the video tokens (diffusers
   Attention + CogVideoXAttnProcessor2_0).
@@ -109,7 +173,8 @@ class Attention(nnx.Module):
   segments); "chunked" takes `query_chunk` queries at a time against all keys and recomputes
   each chunk's scores in the backward pass, so its memory grows linearly in seq (a 63 s
   segment of 17.8k tokens x 48 heads has ~30 GB of bf16 scores); "cudnn" is the fused flash
-  kernel on NVIDIA GPUs.
+  kernel on NVIDIA GPUs; "splash" the flash kernels on TPU (`splash_attention`; interpreted,
+  slowly, elsewhere).
   """
 
   def __init__(self, width: int, num_heads: int, head_dim: int, *, qkv_bias: bool,
@@ -150,6 +215,8 @@ class Attention(nnx.Module):
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     if self.implementation == "cudnn":
       out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    elif self.implementation == "splash":
+      out = splash_attention(q, k, v)
     elif self.implementation == "chunked":
       out = chunked_attention(q, k, v, self.query_chunk)
     else:

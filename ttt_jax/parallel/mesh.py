@@ -12,7 +12,7 @@ Activations are pinned by `constrain` while the train step traces under `activat
 the residual stream [batch, seq, width] is split over (data x fsdp) by batch and over context by
 sequence; q/k/v over tensor by heads; the MLP hidden over tensor.
 
-Pallas kernels, which XLA cannot partition (the impl="pallas" TTT scan), run
+Pallas kernels, which XLA cannot partition (splash attention, the impl="pallas" TTT scan), run
 inside `jax.shard_map` through `logical_shard_map`: each device on its batch ("activation_batch")
 and heads ("activation_heads") with the whole sequence; per-head weights shared by the batch
 (the TTT's W0 and inner LayerNorm) are replicated over the batch axes and their gradient summed
