@@ -24,7 +24,7 @@ def _eta_inputs(eta: jax.Array, causal: bool, mini_batch_size: int) -> list[jax.
 
 def ttt_scan_pallas(inner: str, params: dict[str, jax.Array], xq: jax.Array, xk: jax.Array,
                     xv: jax.Array, eta: jax.Array, *, mini_batch_size: int, causal: bool = False,
-                    checkpoint_group_size: int | None = None, eps: float = 1e-8,
+                    checkpoint_group_size: int = 1, eps: float = 1e-8,
                     interpret: bool | pltpu.InterpretParams | None = None,
                     platform: str | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mini-batch TTT over a sequence with the fused kernels; differentiable (custom_vjp).
@@ -40,7 +40,9 @@ def ttt_scan_pallas(inner: str, params: dict[str, jax.Array], xq: jax.Array, xk:
     mini_batch_size: tokens per inner step (b).
     causal: within-mini-batch causal read-out (dual form) instead of W_i for all tokens.
     checkpoint_group_size: the forward saves the weights every this many mini-batches and the
-      backward recomputes one group at a time; None saves them at every mini-batch.
+      backward recomputes one group at a time (1: weights at every mini-batch, each re-run).
+      The kernels keep no activations, so there is no None (ttt_scan's "keep every
+      mini-batch's residuals", impl="dual" only).
     eps: inner LayerNorm epsilon.
     interpret: run the kernels in the Pallas interpreter; None: unless `platform` is TPU or GPU. A
       pltpu.InterpretParams runs the TPU kernels (HBM-resident sequence, explicit DMAs) in the
@@ -66,15 +68,18 @@ def ttt_scan_pallas(inner: str, params: dict[str, jax.Array], xq: jax.Array, xk:
   if eta.shape not in ((batch, heads, seq), (batch, heads, seq, b)):
     raise ValueError(f"eta must be {(batch, heads, seq)} or {(batch, heads, seq, b)}, got "
                      f"{eta.shape}")
-  if checkpoint_group_size is not None and checkpoint_group_size < 1:
-    raise ValueError(f"checkpoint_group_size must be >= 1 or None, got {checkpoint_group_size}")
+  if checkpoint_group_size is None or checkpoint_group_size < 1:
+    raise ValueError(f"checkpoint_group_size must be an int >= 1, got {checkpoint_group_size}: "
+                     "the kernels recompute each group in the backward and keep no residuals "
+                     "(checkpoint_group_size=None, every mini-batch's residuals kept, is "
+                     "impl='dual''s)")
   state_dtype = jnp.promote_types(jnp.result_type(*params.values()), jnp.float32)
   state_dtype = jnp.promote_types(state_dtype, xq.dtype)
   n_mb = seq // b
   platform, interpret_arg = common.kernel_platform(interpret, platform)
   cfg = common.ScanConfig(
       inner=inner, causal=causal, eps=float(eps),
-      mini_batch_size=b, group_size=min(checkpoint_group_size or 1, n_mb),
+      mini_batch_size=b, group_size=min(checkpoint_group_size, n_mb),
       platform=platform, interpret=interpret_arg,
       mxu_dtype=jnp.dtype(xq.dtype).name)
   w0 = tuple(params[k].astype(state_dtype) for k in weight_keys)

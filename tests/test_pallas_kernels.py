@@ -122,3 +122,6 @@ def test_rejects_bad_inputs():
     ttt_scan_pallas("linear", params, xq, xk, xv, jnp.ones((1, 1, 8, 4)), mini_batch_size=4)
   with pytest.raises(ValueError, match="inner must be"):
     ttt_scan_pallas("rnn", params, xq, xk, xv, eta, mini_batch_size=4)
+  with pytest.raises(ValueError, match="checkpoint_group_size=None"):
+    ttt_scan_pallas("linear", params, xq, xk, xv, eta, mini_batch_size=4,
+                    checkpoint_group_size=None)

@@ -266,7 +266,7 @@ def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.A
       impl="dual"'s backward runs only `dual.backward` (it keeps each mini-batch's starting
       weights and `dual.forward`'s activations: for MLP with hidden h, 2 d h + 5 b h + 2 b d
       numbers a mini-batch and head, + 2 b^2 causal, about 5x the inputs and their gradients
-      at d = 64, b = 64). impl="pallas" always rematerialises (an int >= 1).
+      at d = 64, b = 64). impl="pallas" always rematerialises (an int >= 1; None is refused).
     eps: inner LayerNorm epsilon (the reference uses 1e-8).
     matmul_dtype: operand dtype of the inner matmuls for the dual and pallas impls, e.g.
       jnp.bfloat16 (the MXU's and tensor cores' rate); the inner state, the statistics and the
@@ -298,11 +298,6 @@ def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.A
   n_mb = (seq + pad) // mini_batch_size
 
   if impl == "pallas":
-    if checkpoint_group_size is None:
-      raise ValueError("impl='pallas' recomputes each checkpoint group in its backward and keeps "
-                       "no residuals: checkpoint_group_size=None (keep every mini-batch's "
-                       "residuals) is impl='dual''s; pass an int >= 1 (1: weights at every "
-                       "mini-batch)")
     # Imported here: the kernels are optional at import time and pull in Pallas.
     from pallas_kernels import ttt_scan_pallas
     # The kernels take their matmul operands in xq's dtype.
