@@ -93,15 +93,15 @@ def test_sharded_pallas_ttt_scan_compiles_for_a_v5p_8():
 
 
 def test_splash_attention_compiles_for_a_v5p_8():
-  """Splash, forward and backward, inside the shard_map; 300 tokens pad to 384 (3 tiles of 128)
-  with the padded keys masked; head_dim 64 as CogVideoX's."""
+  """Splash, forward and backward, inside the shard_map; 600 tokens pad to 1024 (2 x 2 tiles of
+  512) with the padded keys masked; head_dim 64 as CogVideoX's."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from ttt_jax.models.layers import splash_attention  # pylint: disable=g-import-not-at-top
   from ttt_jax.parallel import activation_rules  # pylint: disable=g-import-not-at-top
   mesh = _v5p_8_mesh(data=2, tensor=2)
-  x = jax.ShapeDtypeStruct((4, 300, 4, 64), jnp.bfloat16,
+  x = jax.ShapeDtypeStruct((4, 600, 4, 64), jnp.bfloat16,
                            sharding=NamedSharding(mesh, P("data", None, "tensor")))
 
   def grads(q, k, v):

@@ -256,10 +256,11 @@ def test_chunked_attention_matches_and_its_memory_is_linear_in_length():
   assert linear[1] < full[1] / 4
 
 
-@pytest.mark.parametrize("seq, heads, dim", [(100, 3, 16), (256, 2, 8)])
+@pytest.mark.parametrize("seq, heads, dim", [(100, 3, 16), (256, 2, 8), (600, 1, 8)])
 def test_splash_attention_matches_xla_attention(seq, heads, dim):
-  """Splash (interpreted on CPU): 100 tokens pad to 128 with the padded keys masked; 256 need no
-  padding and run in 256-token tiles."""
+  """Splash (interpreted on CPU): 100 tokens pad to one 128-token tile with the padded keys
+  masked; 256 are one tile without padding; 600 pad to 2 x 2 tiles of 512, the last keys'
+  partly masked."""
   from ttt_jax.models.layers import attention, splash_attention  # pylint: disable=g-import-not-at-top
   q, k, v, dy = (jax.random.normal(key, (2, seq, heads, dim))
                  for key in jax.random.split(jax.random.key(0), 4))
