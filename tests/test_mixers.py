@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from ttt_jax.mixers import MIXERS, build_mixer, count_params, matched_options
-from ttt_jax.mixers.common import causal_depthwise_conv, matmul, scale_channels
+from ttt_jax.mixers.common import causal_depthwise_conv, l2_normalize, matmul, scale_channels
 from ttt_jax.mixers.gated_deltanet import (gated_delta_rule_chunked, gated_delta_rule_recurrent,
                                            unit_lower_inverse)
 from ttt_jax.mixers.mamba2 import ssd_chunked, ssd_recurrent
@@ -187,7 +187,9 @@ def _conv_reference(x, kernel):  # the same convolution, differentiated by autod
 @pytest.mark.parametrize("fast,reference,shapes", [
     (causal_depthwise_conv, _conv_reference, [(2, 11, 6), (4, 6)]),
     (matmul, lambda x, kernel: jnp.einsum("bsi,io->bso", x, kernel), [(2, 11, 6), (6, 5)]),
-    (scale_channels, lambda x, scale: x * scale, [(2, 11, 6), (6,)])])
+    (scale_channels, lambda x, scale: x * scale, [(2, 11, 6), (6,)]),
+    (l2_normalize, lambda x: x / jnp.sqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-6),
+     [(2, 11, 6)])])
 def test_written_out_vjps_match_autodiff(fast, reference, shapes):
   inputs = [_normal(i, shape) for i, shape in enumerate(shapes)]
   y, vjp = jax.vjp(fast, *inputs)
