@@ -260,9 +260,9 @@ def test_errors_are_clear():
 
 
 # Without groups, autodiff keeps every mini-batch's weights and activations and its own
-# intermediates; impl="dual" keeps the weights and `dual.forward`'s residuals, fewer, so groups of
-# 8 cut its growth by about 10x instead of 30x (the saved inputs grow either way).
-@pytest.mark.parametrize("impl,max_ratio", [("grad", 0.1), ("dual", 0.15)])
+# intermediates; impl="dual" keeps the weights and `dual.stored_residuals`, fewer, so groups of 8
+# cut its growth by about 7x instead of 30x (the saved inputs grow either way).
+@pytest.mark.parametrize("impl,max_ratio", [("grad", 0.1), ("dual", 0.2)])
 def test_checkpoint_groups_bound_backward_memory(impl, max_ratio):
   """XLA's compiled temporaries for fwd+bwd: per-mini-batch residuals without groups, only
   group-boundary weights with them (16 -> 128 mini-batches)."""

@@ -114,7 +114,7 @@ def _dual_scan_fwd(cfg, w0, ln_w, ln_b, xs):
     # runs `dual.backward` alone, no forward matmul again.
     def collect(w, mb):
       w_new, z, res = cfg.forward(w, ln_w, ln_b, mb)
-      return w_new, (z, w, res)
+      return w_new, (z, w, dual.stored_residuals(res))
 
     w, (z, ws, res) = jax.lax.scan(collect, w0, xs)
     return (w, z), (ln_w, ln_b, xs, (ws, w, res))
@@ -169,7 +169,8 @@ def _dual_scan_bwd(cfg, saved, cotangents):
     def body(carry, inputs):
       dw, w_new, d_lnw, d_lnb = carry
       w, mb, res, dz_i = inputs
-      dw, dlnw_i, dlnb_i, d_mb = cfg.backward(w, w_new, ln_w, ln_b, mb, res, dw, dz_i)
+      dw, dlnw_i, dlnb_i, d_mb = cfg.backward(w, w_new, ln_w, ln_b, mb,
+                                              dual.full_residuals(res), dw, dz_i)
       return (dw, w, d_lnw + dlnw_i, d_lnb + dlnb_i), d_mb
 
     ws, w_final, res = rest
@@ -264,9 +265,10 @@ def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.A
       time). impl="dual" unrolls a group in its backward, so compile time grows with it (16:
       about twice 4's). None rematerialises nothing: every mini-batch's residuals are kept, and
       impl="dual"'s backward runs only `dual.backward` (it keeps each mini-batch's starting
-      weights and `dual.forward`'s activations: for MLP with hidden h, 2 d h + 5 b h + 2 b d
-      numbers a mini-batch and head, + 2 b^2 causal, about 5x the inputs and their gradients
-      at d = 64, b = 64). impl="pallas" always rematerialises (an int >= 1; None is refused).
+      weights and `dual.forward`'s activations but the GELUs' tanh: for MLP with hidden h,
+      2 d h + 3 b h + 2 b d numbers a mini-batch and head, + 2 b^2 causal, about 3.7x the inputs
+      and their gradients at d = b = 64). impl="pallas" always rematerialises (an int >= 1;
+      None is refused).
     eps: inner LayerNorm epsilon (the reference uses 1e-8).
     matmul_dtype: operand dtype of the inner matmuls for the dual and pallas impls, e.g.
       jnp.bfloat16 (the MXU's and tensor cores' rate); the inner state, the statistics and the
