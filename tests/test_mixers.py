@@ -120,7 +120,7 @@ def _delta_inputs(seq, key_dim=4, value_dim=6):
   return q, k, v, g, beta
 
 
-# 200 is 13 chunks: the parallel prefix over chunks takes several rounds, one with an odd count.
+# 200 is 13 chunks: the state passes through many chunks, the last one padded.
 @pytest.mark.parametrize("seq", [8, 37, 48, 200])
 def test_gated_delta_rule_chunked_matches_recurrent_matches_loop(seq):
   inputs = _delta_inputs(seq)
