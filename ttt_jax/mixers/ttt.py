@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ttt_jax.mixers.common import SequenceMixer, apply_rope, layer_norm, linear
@@ -57,28 +58,6 @@ def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return (x * jax.lax.rsqrt(jnp.maximum(norm_sq, eps * eps))).astype(x.dtype)
 
 
-def sharded_ttt_scan(inner: str, params: dict[str, jax.Array], xq: jax.Array, xk: jax.Array,
-                     xv: jax.Array, eta: jax.Array, **scan_kwargs: Any
-                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """`ttt_scan` as the mixer runs it in a sharded step: same arguments, shapes and results.
-
-  impl="pallas" under `activation_rules` runs the kernels inside `jax.shard_map` (XLA cannot
-  partition a Mosaic kernel), each device on its block of xq, xk, xv, eta [batch, heads, seq,
-  ...] (batch split as "activation_batch", heads as "activation_heads", the sequence whole) and
-  on its heads of the initial inner weights and LayerNorm params [heads, ...], which are
-  replicated over the batch axes: their gradient is summed over those axes by shard_map's
-  transpose. The kernels compile for the mesh's platform (mesh.compile_platform). Other impls
-  are plain XLA and left to its partitioner.
-  """
-  if scan_kwargs.get("impl") != "pallas":
-    return ttt_scan(inner, params, xq, xk, xv, eta, **scan_kwargs)
-  scan = functools.partial(ttt_scan, inner, platform=mesh_lib.compile_platform(), **scan_kwargs)
-  per_bh = ("activation_batch", "activation_heads")
-  return mesh_lib.logical_shard_map(
-      scan, in_names=(("activation_heads",), per_bh, per_bh, per_bh, per_bh),
-      out_names=(per_bh, per_bh))(params, xq, xk, xv, eta)
-
-
 class TTTLayer(SequenceMixer):
   """TTT-MLP / TTT-Linear sequence mixer.
 
@@ -88,6 +67,8 @@ class TTTLayer(SequenceMixer):
   """
 
   uses_rope = True
+  # Takes `order` (__call__): the DiT's reverse pass permutes after the all-to-all.
+  takes_order = True
 
   def __init__(self, width: int, num_heads: int, *, inner: str = "mlp",
                mini_batch_size: int | None = None, inner_lr_base: float | None = None,
@@ -141,25 +122,60 @@ class TTTLayer(SequenceMixer):
     eta = self.inner_lr_base * jax.nn.sigmoid(logits) / self.head_dim / self.mini_batch_size
     return jnp.swapaxes(eta, 1, 2)
 
-  def mix(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:
-    """x [batch, seq, width], rope (cos, sin) [seq, head_dim] or None -> [batch, seq, width]."""
+  def __call__(self, x: jax.Array, *, rope: tuple[jax.Array, jax.Array] | None = None,
+               reverse: bool = False, order: tuple[np.ndarray, np.ndarray] | None = None
+               ) -> jax.Array:
+    """SequenceMixer's call, plus `order`: (perm, inverse), int [seq] permutations; the scan
+    then runs over x[:, perm] with rope by position in that order, and the output comes back
+    in x's order: `unpermute(mix(x[:, perm], rope))`, without gathering x (see `mix`)."""
+    if order is None:
+      return super().__call__(x, rope=rope, reverse=reverse)
+    if reverse:
+      raise ValueError("TTTLayer takes reverse or order, not both")
+    return self.mix(x, rope, order)
+
+  def mix(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None,
+          order: tuple[np.ndarray, np.ndarray] | None = None) -> jax.Array:
+    """x [batch, seq, width], rope (cos, sin) [seq, head_dim] or None, order as `__call__`'s
+    -> [batch, seq, width].
+
+    Everything but the scan is per token and runs on x's layout (under `activation_rules`,
+    the sequence split over context); xq, xk, xv, η [batch, seq, heads, ...] then go through
+    `mesh.sequence_to_heads` (Ulysses all-to-all), so that each device scans whole sequences
+    of its heads, permuted by `order` there, locally.
+    """
     if x.ndim != 3 or x.shape[-1] != self.width:
       raise ValueError(f"TTTLayer expects [batch, seq, {self.width}], got {x.shape}")
-    xq = _l2_normalize(self._split_heads(self.wq(x)))
-    xk = _l2_normalize(self._split_heads(self.wk(x)))
-    xv = self._split_heads(self.wv(x))
+    heads = lambda y: mesh_lib.constrain(
+        y, ("activation_batch", "activation_length", "activation_heads", None))
+    xq = _l2_normalize(heads(self._split_heads(self.wq(x))))
+    xk = _l2_normalize(heads(self._split_heads(self.wk(x))))
+    xv = heads(self._split_heads(self.wv(x)))
     if rope is not None:
+      if order is not None:  # token j is scanned at position inverse[j]
+        rope = tuple(r[order[1]] for r in rope)
       xq, xk = apply_rope(xq, *rope), apply_rope(xk, *rope)
     ln_w, ln_b = self.ttt_norm_weight[...], self.ttt_norm_bias[...]
     if self.normalize_target:
       # As the public reference: normalise against the rotated XK.
       xv = (xk + normalize_target(xv - xk, ln_w, ln_b, self.inner_eps)).astype(xv.dtype)
-    to_bhsd = lambda a: jnp.transpose(a, (0, 2, 1, 3))
     params = {k: v[...] for k, v in self.inner_weights.items()}
     params.update(ln_weight=ln_w, ln_bias=ln_b)
-    z, _ = sharded_ttt_scan(self.inner, params, to_bhsd(xq), to_bhsd(xk), to_bhsd(xv),
-                            self.inner_lr(x), mini_batch_size=self.mini_batch_size,
-                            impl=self.impl, checkpoint_group_size=self.checkpoint_group_size,
-                            eps=self.inner_eps)
-    z = jnp.transpose(z, (0, 2, 1, 3)).reshape(x.shape)
-    return self.wo(self.post_norm(z))
+    eta = jnp.swapaxes(self.inner_lr(x), 1, 2)  # [batch, seq, heads]
+    z = mesh_lib.sequence_to_heads(functools.partial(self._scan, order=order))(
+        (xq, xk, xv, eta), params)
+    return self.wo(self.post_norm(z.reshape(x.shape)))
+
+  def _scan(self, tokens: tuple[jax.Array, ...], params: dict[str, jax.Array], _,
+            order: tuple[np.ndarray, np.ndarray] | None) -> jax.Array:
+    """`ttt_scan` on whole sequences: xq, xk, xv [b, seq, h, d], eta [b, seq, h] and the
+    inner weights of those h heads -> z [b, seq, h, d]."""
+    if order is not None:
+      tokens = tuple(t[:, order[0]] for t in tokens)
+    xq, xk, xv, eta = (jnp.swapaxes(t, 1, 2) for t in tokens)
+    platform = mesh_lib.compile_platform() if self.impl == "pallas" else None
+    z, _ = ttt_scan(self.inner, params, xq, xk, xv, eta, mini_batch_size=self.mini_batch_size,
+                    impl=self.impl, checkpoint_group_size=self.checkpoint_group_size,
+                    eps=self.inner_eps, platform=platform)
+    z = jnp.swapaxes(z, 1, 2)
+    return z if order is None else z[:, order[1]]

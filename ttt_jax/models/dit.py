@@ -201,6 +201,10 @@ class Layout:
         source.append(segments * text_len + f * hw + np.arange(hw))
         seg_pos.append(text_len + t * hw + np.arange(hw))
     self.source = np.concatenate(source)
+    text_rows = segments * text_len
+    # Per canonical token: its row of the text blocks, of the video tokens (0 where not one).
+    self.text_source = np.where(self.source < text_rows, self.source, 0)
+    self.video_source = np.maximum(self.source - text_rows, 0)
     self.segment_row = np.concatenate(seg_pos)   # [seq] row of its owning segment's tables
     self.is_text_np = self.source < segments * text_len
     self.gather = np.stack([np.concatenate(
@@ -225,8 +229,20 @@ class Layout:
 
   def assemble(self, text: jax.Array, video: jax.Array) -> jax.Array:
     """text [b, S, Lt, w], video [b, frames*hw, w] -> canonical [b, seq, w]."""
-    flat = jnp.concatenate([text.reshape(text.shape[0], -1, text.shape[-1]), video], axis=1)
-    return flat[:, self.source]
+    return self.with_text(text, self.canonical_video(video))
+
+  def canonical_video(self, video: jax.Array) -> jax.Array:
+    """video tokens [b, frames*hw, c] -> [b, seq, c]: each at its canonical place, the text
+    places holding a copy of the first video token (for `with_text` to overwrite). Applied to
+    the patches before their projection, so that the residual stream is born in canonical
+    order, split over context, and never gathered whole."""
+    return video[:, self.video_source]
+
+  def with_text(self, text: jax.Array, x: jax.Array) -> jax.Array:
+    """text [b, S, Lt, w] written over the text places of canonical x [b, seq, w]; the text,
+    S·Lt tokens, is small enough to sit whole on every device."""
+    flat = text.reshape(text.shape[0], -1, text.shape[-1])
+    return jnp.where(self.is_text[None, :, None], flat[:, self.text_source], x)
 
   def reverse(self, x: jax.Array) -> jax.Array:
     """canonical [b, seq, w] -> the reverse pass's order [b, seq, w]."""
@@ -241,18 +257,21 @@ class Layout:
     return x[:, self.video_index]
 
   def split(self, x: jax.Array) -> jax.Array:
-    """canonical [b, seq, w] -> per-segment [b, S, segment_len, w] (overlap frames copied)."""
+    """canonical [b, seq, ...] -> per-segment [b, S, segment_len, ...] (overlap frames
+    copied)."""
     if self.segments == 1:
       return x[:, None]
     return x[:, self.gather]
 
   def merge(self, y: jax.Array) -> jax.Array:
-    """per-segment [b, S, segment_len, w] -> canonical [b, seq, w], overlap copies averaged."""
+    """per-segment [b, S, segment_len, ...] -> canonical [b, seq, ...], overlap copies
+    averaged."""
     if self.segments == 1:
       return y[:, 0]
-    out = jnp.zeros((y.shape[0], self.seq_len, y.shape[-1]), y.dtype)
-    out = out.at[:, self.gather.reshape(-1)].add(y.reshape(y.shape[0], -1, y.shape[-1]))
-    return out * self.inv_count[None, :, None].astype(y.dtype)
+    rest = y.shape[3:]
+    out = jnp.zeros((y.shape[0], self.seq_len, *rest), y.dtype)
+    out = out.at[:, self.gather.reshape(-1)].add(y.reshape(y.shape[0], -1, *rest))
+    return out * self.inv_count.reshape(-1, *(1,) * len(rest)).astype(y.dtype)
 
   def segment_table(self, video_rows: np.ndarray, text_row: np.ndarray) -> np.ndarray:
     """A per-position table for one segment: [n*hw, d] video rows -> [segment_len, d]."""
@@ -285,9 +304,8 @@ def _mixer_rope_tables(cfg: DiTConfig, layout: Layout, head_dim: int,
   p = cfg.patch_size
   cos, sin = rope_3d(head_dim, layout.frames, *grid, cfg.sample_height // p,
                      cfg.sample_width // p, slice_grid=cfg.patch_size_t is not None)
-  text_rows = layout.segments * layout.text_len
-  video_row = np.maximum(layout.source - text_rows, 0)
-  tables = [np.where(layout.is_text_np[:, None], np.float32(identity), table[video_row])
+  tables = [np.where(layout.is_text_np[:, None], np.float32(identity),
+                     table[layout.video_source])
             for table, identity in ((cos, 1.0), (sin, 0.0))]
   return jnp.asarray(tables[0]), jnp.asarray(tables[1])
 
@@ -335,12 +353,18 @@ class DiTBlock(nnx.Module):
       self.beta = nnx.Param(gate_init(rngs.params(), (2, w), jnp.float32))
 
   def _attend(self, x: jax.Array, ctx: _Context) -> jax.Array:
-    if not ctx.local_attention:
-      return self.attn1(x, ctx.attn_rope)
-    layout, batch = ctx.layout, x.shape[0]
-    segs = layout.split(x).reshape(batch * layout.segments, layout.segment_len, -1)
-    out = self.attn1(segs, ctx.attn_rope)
-    return layout.merge(out.reshape(batch, layout.segments, layout.segment_len, -1))
+    return self.attn1(x, ctx.attn_rope, ctx.layout if ctx.local_attention else None)
+
+  @staticmethod
+  def _mix_reversed(mixer: nnx.Module, h: jax.Array, ctx: _Context) -> jax.Array:
+    """unreverse(mixer(reverse(h))): [batch, seq, width] canonical -> same. A mixer that takes
+    an `order` (TTT) permutes only the whole sequences of its heads, after its all-to-all;
+    for the others the permutation is a gather of the residual stream, which XLA all-gathers
+    when the stream is split over context."""
+    layout = ctx.layout
+    if getattr(mixer, "takes_order", False):
+      return mixer(h, rope=ctx.mixer_rope, order=(layout.reverse_order, layout.reverse_inverse))
+    return layout.unreverse(mixer(layout.reverse(h), rope=ctx.mixer_rope))
 
   def __call__(self, x: jax.Array, temb: jax.Array, ctx: _Context) -> jax.Array:
     """[batch, seq, width] canonical tokens -> same; temb [batch, time_embed_dim]."""
@@ -353,8 +377,7 @@ class DiTBlock(nnx.Module):
                                            jnp.tanh(g[0])).astype(h.dtype)
       h = h + tanh_gate(self.alpha[...]) * self.mixer(h, rope=ctx.mixer_rope).astype(h.dtype)
       reverse_mixer = self.mixer_reverse or self.mixer
-      reversed_h = reverse_mixer(ctx.layout.reverse(h), rope=ctx.mixer_rope).astype(h.dtype)
-      h = h + tanh_gate(self.beta[...]) * ctx.layout.unreverse(reversed_h)
+      h = h + tanh_gate(self.beta[...]) * self._mix_reversed(reverse_mixer, h, ctx).astype(h.dtype)
     x = constrain((x + gate * h).astype(x.dtype), _STREAM)
     normed, gate = self.norm2(x, temb, ctx.is_text)
     return constrain((x + gate * self.ff(normed)).astype(x.dtype), _STREAM)
@@ -449,11 +472,15 @@ class DiT(nnx.Module):
     patches = latents.reshape(batch, frames // pt, pt, -1, grid[0], p, grid[1], p)
     patches = patches.transpose(0, 1, 4, 6, 3, 2, 5, 7).reshape(batch, layout.frames * grid[0]
                                                                 * grid[1], -1)
-    x = layout.assemble(self.text_proj(text), self.patch_proj(patches))
-    x = constrain(x, _STREAM)
+    # Canonical order is made on the patches (in_channels·p² per token) and the text, not on
+    # the projected video, so that no gather touches a [batch, seq, width] array.
+    video = self.patch_proj(constrain(layout.canonical_video(patches), _STREAM))
+    x = constrain(layout.with_text(self.text_proj(text), video), _STREAM)
     positions = self._positions(layout, grid)
     if positions is not None:
-      x = layout.merge(layout.split(x) + positions.astype(x.dtype))
+      # merge(split(x) + p) = x + merge(p): the overlap frame gets the mean of its two rows.
+      per_segment = jnp.broadcast_to(positions, (1, layout.segments, *positions.shape))
+      x = x + layout.merge(per_segment).astype(x.dtype)
 
     rope_canonical = not cfg.local_attention
     ctx = _Context(
@@ -463,9 +490,12 @@ class DiT(nnx.Module):
         mixer_rope=_mixer_rope_tables(cfg, layout, cfg.mixer_head_dim, grid))
     x = self._run_blocks(x, temb, ctx)
 
-    h = self.norm_final(layout.video(x))
+    # The output head works per token on the canonical stream (text tokens too, ~3% more),
+    # so that only its [batch, seq, out_channels·p²] result is gathered into video order.
+    h = self.norm_final(x)
     shift, scale = jnp.split(self.norm_out_linear(jax.nn.silu(temb)), 2, axis=-1)
     h = self.proj_out(self.norm_out(h) * (1 + scale[:, None]) + shift[:, None])
+    h = layout.video(h)
     out = h.reshape(batch, frames // pt, grid[0], grid[1], -1, pt, p, p)
     out = out.transpose(0, 1, 5, 4, 2, 6, 3, 7)
     return out.reshape(batch, frames, -1, height, width)

@@ -7,6 +7,7 @@ constraint while a step is traced under `ttt_jax.parallel.activation_rules`, a n
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -196,15 +197,24 @@ class Attention(nnx.Module):
     self.norm_k = layer_norm(head_dim, 1e-6, axis_name="head_dim", rngs=rngs,
                              dtype=dtype) if qk_norm else None
 
-  def __call__(self, x: jax.Array, rope: Rope | None) -> jax.Array:
-    """Full (unmasked) attention over x.
+  def __call__(self, x: jax.Array, rope: Rope | None, segments: Any = None) -> jax.Array:
+    """Full (unmasked) attention over x, or over each segment of it.
 
     Args:
       x: [batch, seq, width].
-      rope: (cos, sin) [seq, head_dim] with identity rows on text tokens, or None.
+      rope: (cos, sin) [seq, head_dim] (or [segment_len, head_dim] with `segments`) with
+        identity rows on text tokens, or None.
+      segments: None, or the segment layout of x (models.dit.Layout): `split` [b, seq, ...] ->
+        [b, S, segment_len, ...] (overlap tokens copied) and `merge` back (copies averaged);
+        each segment attends within itself.
 
     Returns:
       [batch, seq, width].
+
+    The projections, QK-norms and the output projection work per token on the residual
+    stream's layout (sequence split over context); between them q, k, v go through
+    `mesh.sequence_to_heads` (Ulysses): each device gets whole sequences of its heads, so the
+    segment gather, RoPE, attention and merge are local.
     """
     batch, seq, _ = x.shape
     heads = lambda y: constrain(y.reshape(batch, seq, self.num_heads, self.head_dim),
@@ -213,17 +223,34 @@ class Attention(nnx.Module):
     q, k, v = heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x))
     if self.norm_q is not None:
       q, k = self.norm_q(q), self.norm_k(k)
-    if rope is not None:
-      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    if self.implementation == "cudnn":
-      out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    elif self.implementation == "splash":
-      out = splash_attention(q, k, v)
-    elif self.implementation == "chunked":
-      out = chunked_attention(q, k, v, self.query_chunk)
-    else:
-      out = attention(q, k, v)
+
+    def per_device(qkv, _, rope):
+      q, k, v = qkv
+      local_batch = q.shape[0]
+      if segments is not None:
+        # [b, seq, h, d] -> [b, S, segment_len, h, d] -> [b * S, segment_len, h, d]
+        q, k, v = (segments.split(a) for a in (q, k, v))
+        q, k, v = (a.reshape(-1, *a.shape[2:]) for a in (q, k, v))
+      if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+      out = self._attention(q, k, v)
+      if segments is not None:
+        out = segments.merge(out.reshape(local_batch, -1, *out.shape[1:]))
+      return out
+
+    out = mesh_lib.sequence_to_heads(per_device)((q, k, v), (), rope)
     return self.to_out(out.reshape(batch, seq, self.num_heads * self.head_dim))
+
+  def _attention(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """The attention of `implementation` on one device's whole sequences: [b, s, h, d] ->
+    [b, s, h, d]. Splash runs unwrapped: `sequence_to_heads` already maps it per device."""
+    if self.implementation == "cudnn":
+      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    if self.implementation == "splash":
+      return _splash_per_device(q, k, v, interpret=mesh_lib.compile_platform() != "tpu")
+    if self.implementation == "chunked":
+      return chunked_attention(q, k, v, self.query_chunk)
+    return attention(q, k, v)
 
 
 class FeedForward(nnx.Module):

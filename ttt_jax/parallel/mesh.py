@@ -13,17 +13,47 @@ the residual stream [batch, seq, width] is split over (data x fsdp) by batch and
 sequence; q/k/v over tensor by heads; the MLP hidden over tensor.
 
 Pallas kernels, which XLA cannot partition (splash attention, the impl="pallas" TTT scan), run
-inside `jax.shard_map` through `logical_shard_map`: each device on its batch ("activation_batch")
-and heads ("activation_heads") with the whole sequence; per-head weights shared by the batch
-(the TTT's W0 and inner LayerNorm) are replicated over the batch axes and their gradient summed
-over them. The kernels compile for the mesh's devices (`compile_platform`), so a CPU host
+inside `jax.shard_map`: in the DiT inside `sequence_to_heads` (below), on their own through
+`logical_shard_map`; each device on its batch ("activation_batch") and heads
+("activation_heads") with the whole sequence; per-head weights shared by the batch (the TTT's
+W0 and inner LayerNorm) are replicated over the batch axes and their gradient summed over
+them. The kernels compile for the mesh's devices (`compile_platform`), so a CPU host
 compiling for compile-only TPU devices (ttt_jax/plan.py) gets Mosaic kernels, not the
 interpreter.
 
-Not yet done (issue 12): the all-to-all from sequence to head sharding around attention and TTT
-(Ulysses), so with context > 1 XLA gathers the sequence where a segment's attention or the TTT
-scan needs all of it (inside those shard_maps every context device repeats the same blocks), and
-the segment gather/scatter of models/dit.Layout does the same.
+Context parallelism (Ulysses, as DeepSpeed-Ulysses): the residual stream [batch, seq, width]
+and the block inputs saved for the backward pass stay split by sequence over context
+(C devices) in every block. Everything per token runs there: adaLN, the q/k/v projections, the
+QK-norms, TTT's L2 norms, RoPE by global frame, target normalisation and η, the output
+projections, the MLP. Attention and the TTT scan need whole sequences (a segment's attention
+spans a segment; the scan runs the whole video, the reverse pass in another order), and 21
+segments do not split evenly over 2-16 devices, so `sequence_to_heads` swaps the split: q, k, v
+(and η) [batch, seq/C, heads/T, d] go through one tiled `all_to_all` over context to
+[batch, seq, heads/(C*T), d] inside `jax.shard_map`; each device then does the per-segment
+layout on whole sequences of its heads (models/dit.Layout's gather into segments, RoPE
+restarting per segment, attention, the merge averaging the overlap frame; or the reverse pass's
+permutation, the scan and its inverse), and one `all_to_all` brings the output back to
+[batch, seq/C, heads/T, d] before the output projection. The heads must divide by C x tensor
+(48: 2, 4, 8, 16 devices); anything else is refused. Outside the blocks the canonical order is
+made before the patch projection ([batch, seq, in_channels·p²]) and the text is whole on every
+device, and the output head runs per token before the video tokens are gathered
+([batch, seq, out_channels·p²]), so no collective moves a whole [seq, width] stream.
+The baseline mixers (swa, mamba2, gated_deltanet) still see whole sequences through XLA's
+partitioner: they all-gather.
+
+Bytes per block at 63 s (configs/tomjerry_63s.py: N = 21 x 458 text + 253 x 1350 video =
+351,168 tokens, width w = 48 heads x 64 = 3072, bf16, b = 2 bytes; η float32): the forward
+pass has 12 all-to-alls of an [N, w] bf16 array per sample (attention: q, k, v in, output
+back; the TTT forward and reverse passes: xq, xk, xv in, z back) and 2 of η [N, 48] float32:
+  V = 12 · N · w · 2 + 2 · N · 48 · 4 = 25.89 GB + 0.13 GB = 26.03 GB per sample,
+the sum of the arrays passing through them. Each device holds 1/(C·T) of each and keeps 1/C of
+what it holds, so it sends (and receives)
+  V · (C − 1) / (C² · T) per sample per block:
+2.85 GB at C=8, T=1 (236 MB per q/k/v all-to-all); 1.52 GB at C=16; 2.44 GB at C=4, T=2.
+Training moves it three times a block under remat "full" (forward, recomputed forward, the
+transposed all-to-alls of the backward pass). Gathering the sequence instead, as XLA did before,
+costs each device (C − 1)/C · N · w · 2 = 1.89 GB at C=8 per gathered [N, w] array, and every
+context device then repeated the same attention and scan.
 """
 from __future__ import annotations
 
@@ -224,4 +254,77 @@ def logical_shard_map(f: Callable[..., Any], in_names: Any, out_names: Any
     out_specs = _specs(out_names, jax.eval_shape(f, *args), mesh, rules)
     return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                          check_vma=False)(*args)
+  return call
+
+
+def _rule_axes(name: str, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> tuple[str, ...]:
+  """The mesh axes (of size > 1) that logical `name` maps to under `rules`."""
+  target = dict(rules).get(name)
+  axes = (target,) if isinstance(target, str) else tuple(target or ())
+  return tuple(a for a in axes if mesh.shape[a] > 1)
+
+
+def sequence_to_heads(f: Callable[[Any, Any, Any], Any]) -> Callable[..., Any]:
+  """Ulysses context parallelism: `f` on the whole sequence of each device's heads.
+
+  Returns g(tokens, per_head=(), shared=()) -> f's output, where
+    tokens    a pytree of arrays [batch, seq, heads, ...] laid out as the residual stream:
+              batch over "activation_batch", seq over "activation_length" (context), heads over
+              "activation_heads" (tensor);
+    per_head  a pytree of per-head arrays [heads, ...] (inner weights), shared by the batch;
+    shared    a pytree of arrays every device needs whole (RoPE tables);
+  and f(tokens, per_head, shared) maps tokens [batch/B, seq, heads/(C*T), ...] to a pytree of
+  [batch/B, seq, heads/(C*T), ...] on one device (B = data x fsdp, C = context, T = tensor
+  devices), seeing per_head's [heads/(C*T), ...] rows of the same heads. Under the innermost
+  `activation_rules` g runs f inside `jax.shard_map` with a tiled `all_to_all` over the context
+  axes on the way in (sequence split -> heads split) and on the way out (heads -> sequence);
+  device (t, c) holds heads t*H/T + c*H/(C*T) + [0, H/(C*T)), hence per_head's spec
+  (tensor, context). Outside the rules, or on one device, g is f on the whole arrays.
+
+  per_head's gradient is summed over the batch axes by shard_map's transpose (check_vma=False,
+  as `logical_shard_map`: Pallas kernels inside f have no varying-axes types).
+
+  Raises:
+    ValueError: if the sequence does not split over context, or the heads over context x tensor.
+  """
+  def call(tokens: Any, per_head: Any = (), shared: Any = ()) -> Any:
+    if not _ACTIVE or _ACTIVE[-1][0].size == 1:
+      return f(tokens, per_head, shared)
+    mesh, rules = _ACTIVE[-1]
+    batch, seq, heads = jax.tree.leaves(tokens)[0].shape[:3]
+    seq_axes = _rule_axes("activation_length", mesh, rules)
+    head_axes = _rule_axes("activation_heads", mesh, rules)
+    context = int(np.prod([mesh.shape[a] for a in seq_axes]))
+    tensor = int(np.prod([mesh.shape[a] for a in head_axes]))
+    sizes = (f"context={context} ({'x'.join(seq_axes) or '-'}) x tensor={tensor} "
+             f"({'x'.join(head_axes) or '-'})")
+    if seq % context:
+      raise ValueError(f"a sequence of {seq} tokens does not split over {sizes}: "
+                       f"{seq} % {context} = {seq % context}")
+    if heads % (context * tensor):
+      raise ValueError(f"{heads} heads do not split over {sizes}: sequence-to-heads (Ulysses) "
+                       f"context parallelism needs heads divisible by {context * tensor}")
+    batch_spec = logical_to_spec(("activation_batch",), (batch,), mesh, rules)[0]
+    axis = lambda axes: None if not axes else axes[0] if len(axes) == 1 else axes
+    token_spec = PartitionSpec(batch_spec, axis(seq_axes), axis(head_axes))
+    head_spec = PartitionSpec(axis(head_axes + seq_axes))
+    specs = lambda tree, spec: jax.tree.map(lambda _: spec, tree)
+
+    def local(tokens, per_head, shared):
+      if seq_axes:
+        tokens = jax.lax.all_to_all(tokens, axis(seq_axes), 2, 1, tiled=True)
+      out = f(tokens, per_head, shared)
+      if seq_axes:
+        out = jax.lax.all_to_all(out, axis(seq_axes), 1, 2, tiled=True)
+      return out
+
+    out_shape = jax.eval_shape(
+        lambda t, p, s: f(jax.tree.map(lambda a: a[:, :, :heads // (context * tensor)], t),
+                          jax.tree.map(lambda a: a[:heads // (context * tensor)], p), s),
+        tokens, per_head, shared)
+    return jax.shard_map(local, mesh=mesh,
+                         in_specs=(specs(tokens, token_spec), specs(per_head, head_spec),
+                                   specs(shared, PartitionSpec())),
+                         out_specs=specs(out_shape, token_spec), check_vma=False)(
+                             tokens, per_head, shared)
   return call
