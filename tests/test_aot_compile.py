@@ -63,32 +63,29 @@ def _mosaic_kernels(compiled) -> int:
   return compiled.as_text().count('custom_call_target="tpu_custom_call"')
 
 
-def test_sharded_pallas_ttt_scan_compiles_for_a_v5p_8():
-  """The Mosaic TTT kernels, forward and backward, inside the shard_map over batch and heads;
-  the CPU host picks Mosaic (not the interpreter) from the mesh's devices."""
+def test_sharded_pallas_ttt_layer_compiles_for_a_v5p_8():
+  """The Mosaic TTT kernels, forward and backward, of TTTLayer(impl="pallas") inside
+  mesh.sequence_to_heads' shard_map over batch and heads; the CPU host picks Mosaic (not the
+  interpreter) from the mesh's devices."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from ttt_jax.mixers.ttt import sharded_ttt_scan  # pylint: disable=g-import-not-at-top
+  from ttt_jax.mixers.ttt import TTTLayer  # pylint: disable=g-import-not-at-top
   from ttt_jax.parallel import activation_rules  # pylint: disable=g-import-not-at-top
-  from ttt_jax.ttt import inner as inner_lib  # pylint: disable=g-import-not-at-top
   mesh = _v5p_8_mesh(data=2, tensor=2)
-  batch, heads, seq, d = 4, 4, 256, 64
-  sds = lambda shape, dtype, spec: jax.ShapeDtypeStruct(shape, dtype,
-                                                        sharding=NamedSharding(mesh, spec))
-  params = {k: sds(v.shape, v.dtype, P("tensor"))
-            for k, v in jax.eval_shape(lambda: inner_lib.init_params(
-                "mlp", jax.random.key(0), heads, d)).items()}
-  x = sds((batch, heads, seq, d), jnp.bfloat16, P("data", "tensor"))
-  eta = sds((batch, heads, seq), jnp.float32, P("data", "tensor"))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: TTTLayer(
+      256, 4, inner="mlp", impl="pallas", dtype=jnp.bfloat16, rngs=nnx.Rngs(0))))
+  sds = lambda a, spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec))
+  state = jax.tree.map(lambda a: sds(a, P()), state)
+  x = sds(jax.ShapeDtypeStruct((4, 256, 256), jnp.bfloat16), P("data"))
 
-  def grads(params, xq, xk, xv, eta):
+  def grads(state, x):
     with activation_rules(mesh):
-      loss = lambda *a: jnp.sum(sharded_ttt_scan("mlp", *a, mini_batch_size=64,
-                                                 impl="pallas")[0].astype(jnp.float32) ** 2)
-      return jax.grad(loss, argnums=tuple(range(5)))(params, xq, xk, xv, eta)
+      loss = lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x).astype(jnp.float32) ** 2)
+      return jax.grad(loss, argnums=(0, 1))(state, x)
 
-  compiled = jax.jit(grads).lower(params, x, x, x, eta).compile()
+  compiled = jax.jit(grads).lower(state, x).compile()
   assert _mosaic_kernels(compiled) == 2   # the forward and the backward kernel
 
 
