@@ -157,15 +157,15 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   Bidirectional, no mask beyond padding: tiles of 512 tokens (or one tile of the sequence
   rounded up to 128, splash's tiles being multiples of the 128 lanes), the sequence padded to
   whole tiles and the padded keys masked off (a 3 s segment of 18048 tokens runs as 18432, 2%
-  more). Under `activation_rules` it runs inside `jax.shard_map`, each device on its batch
-  ("activation_batch") and heads ("activation_heads") with the whole sequence (splash cannot
-  split the keys). Compiled (Mosaic) when the program is for TPU devices
-  (mesh.compile_platform), the Pallas interpreter elsewhere (tests on CPU).
+  more). Under `activation_rules` it runs inside `mesh.sequence_to_heads`' shard_map, each
+  device on its batch and heads with the whole sequence (splash cannot split the keys); the
+  DiT's `Attention` calls the per-device kernel inside its own. Compiled (Mosaic) when the
+  program is for TPU devices (mesh.compile_platform), the Pallas interpreter elsewhere (tests
+  on CPU).
   """
   interpret = mesh_lib.compile_platform() != "tpu"
-  names = ("activation_batch", None, "activation_heads")
-  run = lambda q, k, v: _splash_per_device(q, k, v, interpret=interpret)
-  return mesh_lib.logical_shard_map(run, in_names=(names,) * 3, out_names=names)(q, k, v)
+  run = lambda qkv, _, __: _splash_per_device(*qkv, interpret=interpret)
+  return mesh_lib.sequence_to_heads(run)((q, k, v))
 
 
 class Attention(nnx.Module):

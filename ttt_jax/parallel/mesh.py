@@ -13,13 +13,12 @@ the residual stream [batch, seq, width] is split over (data x fsdp) by batch and
 sequence; q/k/v over tensor by heads; the MLP hidden over tensor.
 
 Pallas kernels, which XLA cannot partition (splash attention, the impl="pallas" TTT scan), run
-inside `jax.shard_map`: in the DiT inside `sequence_to_heads` (below), on their own through
-`logical_shard_map`; each device on its batch ("activation_batch") and heads
-("activation_heads") with the whole sequence; per-head weights shared by the batch (the TTT's
-W0 and inner LayerNorm) are replicated over the batch axes and their gradient summed over
-them. The kernels compile for the mesh's devices (`compile_platform`), so a CPU host
-compiling for compile-only TPU devices (ttt_jax/plan.py) gets Mosaic kernels, not the
-interpreter.
+inside the `jax.shard_map` of `sequence_to_heads` (below): each device on its batch
+("activation_batch") and heads ("activation_heads", and context's share of them) with the
+whole sequence; per-head weights shared by the batch (the TTT's W0 and inner LayerNorm) are
+replicated over the batch axes and their gradient summed over them. The kernels compile for
+the mesh's devices (`compile_platform`), so a CPU host compiling for compile-only TPU devices
+(ttt_jax/plan.py) gets Mosaic kernels, not the interpreter.
 
 Context parallelism (Ulysses, as DeepSpeed-Ulysses): the residual stream [batch, seq, width]
 and the block inputs saved for the backward pass stay split by sequence over context
@@ -219,44 +218,6 @@ def compile_platform() -> str:
   return jax.default_backend()
 
 
-def _names_prefix(names: Any) -> bool:
-  return isinstance(names, tuple) and all(n is None or isinstance(n, str) for n in names)
-
-
-def _specs(names: Any, tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
-  """A PartitionSpec for every array of `tree`, from the names tuple at its place in `names` (a
-  tuple covers the leading axes of every array below it; the rest are unsharded)."""
-  def spec(prefix, subtree):
-    return jax.tree.map(lambda x: logical_to_spec(
-        prefix + (None,) * (x.ndim - len(prefix)), x.shape, mesh, rules), subtree)
-  return jax.tree.map(spec, names, tree, is_leaf=_names_prefix)
-
-
-def logical_shard_map(f: Callable[..., Any], in_names: Any, out_names: Any
-                      ) -> Callable[..., Any]:
-  """`f` under `jax.shard_map` over the innermost `activation_rules` mesh, each array split by
-  the logical names of its leading axes; `f` itself outside the rules or on one device.
-
-  For code that XLA cannot partition (Pallas kernels): each device runs `f` on its blocks.
-  in_names / out_names mirror f's arguments / outputs, with a tuple of logical names, e.g.
-  ("activation_batch", "activation_heads"), in place of an array or of a subtree whose arrays
-  all share those leading axes. A mesh axis that no name maps to replicates: every device along
-  it computes the same blocks (outputs are taken from one). An argument whose names leave out
-  an axis that others split (per-head weights shared by a batch-split computation) gets, in the
-  backward pass, its cotangent summed over that axis: shard_map's transpose of a replicated
-  input (check_vma=False: Pallas' out_shapes carry no varying-axes types).
-  """
-  def call(*args):
-    if not _ACTIVE or _ACTIVE[-1][0].size == 1:
-      return f(*args)
-    mesh, rules = _ACTIVE[-1]
-    in_specs = _specs(in_names, args, mesh, rules)
-    out_specs = _specs(out_names, jax.eval_shape(f, *args), mesh, rules)
-    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                         check_vma=False)(*args)
-  return call
-
-
 def _rule_axes(name: str, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> tuple[str, ...]:
   """The mesh axes (of size > 1) that logical `name` maps to under `rules`."""
   target = dict(rules).get(name)
@@ -281,8 +242,10 @@ def sequence_to_heads(f: Callable[[Any, Any, Any], Any]) -> Callable[..., Any]:
   device (t, c) holds heads t*H/T + c*H/(C*T) + [0, H/(C*T)), hence per_head's spec
   (tensor, context). Outside the rules, or on one device, g is f on the whole arrays.
 
-  per_head's gradient is summed over the batch axes by shard_map's transpose (check_vma=False,
-  as `logical_shard_map`: Pallas kernels inside f have no varying-axes types).
+  per_head's gradient is summed over the batch axes by shard_map's transpose of an input
+  replicated over them (check_vma=False: Pallas' out_shapes inside f carry no varying-axes
+  types). A mesh axis that no rule here maps to (e.g. fsdp when the batch does not divide)
+  replicates: its devices compute the same blocks.
 
   Raises:
     ValueError: if the sequence does not split over context, or the heads over context x tensor.
