@@ -29,6 +29,7 @@ def test_toy_pipeline_runlocal_end_to_end_and_resume(tmp_path):
   frames, fps = read_mp4(tmp_path / summary["sample"]["video"])
   assert frames.shape == (1009, 32, 48, 3) and fps == 16  # one minute (63 s) at 16 fps
   assert summary["sample"]["reference"]["persistence"]["overall"] == 1.0
+  assert set(summary["sample"]["autoencoded"]) == set(summary["sample"]["reference"])
   assert 0.0 <= summary["sample"]["persistence"]["overall"] <= 1.0
   storyboard = json.loads((tmp_path / "storyboard.json").read_text())
   assert len(storyboard) == 21
@@ -48,3 +49,26 @@ def test_toy_pipeline_runlocal_end_to_end_and_resume(tmp_path):
   subprocess.run([sys.executable, *args[1:]], cwd=REPO, env=env, check=True,
                  capture_output=True)
   assert read_mp4(tmp_path / "samples" / "seed1" / "video.mp4")[0].shape == (1009, 32, 48, 3)
+
+
+def test_autoencode_is_the_fitted_autoencoders_round_trip(tmp_path):
+  """A full-rank fit (48 channels of 4x4x3 blocks) codes a still video's keyframes exactly and
+  the frames between them are the keyframes' blend: the video comes back to the pixel; 4
+  channels lose detail."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ttt_jax import checkpoint, toy_job  # pylint: disable=g-import-not-at-top
+  from ttt_jax.models import pixel_vae  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  still = np.repeat(rng.integers(0, 256, (1, 8, 12, 3), dtype=np.uint8), 9, axis=0)
+  noise = rng.integers(0, 256, (9, 8, 12, 3)).astype(np.float32) / 127.5 - 1.0
+  errors = []
+  for channels in (48, 4):
+    mean, basis, std = pixel_vae.fit_linear(noise, 4, channels)
+    config = pixel_vae.PixelVAEConfig(patch=4, mean=tuple(mean.tolist()),
+                                      basis=tuple(map(tuple, basis.tolist())),
+                                      channel_std=tuple(std.tolist()))
+    checkpoint.save_model(tmp_path / str(channels), config)
+    out = toy_job.autoencode(str(tmp_path / str(channels)), still)
+    assert out.shape == still.shape and out.dtype == np.uint8
+    errors.append(np.abs(out.astype(int) - still).max())
+  assert errors[0] <= 1 and errors[1] > 20, errors

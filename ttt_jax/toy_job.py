@@ -31,6 +31,7 @@ import time
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -253,18 +254,19 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   video, _ = read_mp4(info["video"])
   truth = toy_toons.render(story)
   persistence = toy_metrics.persistence_score(video, story)
-  reference = toy_metrics.persistence_score(truth, story)
+  scores = lambda v: {"persistence": _metric(toy_metrics.persistence_score(v, story)),
+                      "text_following": toy_metrics.text_following_score(v, story)["mean"],
+                      **toy_metrics.frame_statistics(v)}
   summary["sample"] = {
       **{k: os.path.relpath(info[k], workdir) for k in ("video", "contact_sheet")},
       **{k: info[k] for k in ("frames", "segments")},
-      "persistence": _metric(persistence),
+      **scores(video),
       "per_segment": {k: persistence[k] for k in ("room", "color", "shape")},
-      "text_following": toy_metrics.text_following_score(video, story)["mean"],
-      **toy_metrics.frame_statistics(video),
-      # The same metrics on the held-out story's own rendering: what a perfect model scores.
-      "reference": {"persistence": _metric(reference),
-                    "text_following": toy_metrics.text_following_score(truth, story)["mean"],
-                    **toy_metrics.frame_statistics(truth)},
+      # The held-out story's own rendering: what a perfect model scores.
+      "reference": scores(truth),
+      # The same through the autoencoder (encode, decode): what a model that generates the
+      # story's own latents scores; the ceiling the latent space sets.
+      "autoencoded": scores(autoencode(vae_dir, truth)),
   }
   summary["sample"]["persistence_plot"] = os.path.relpath(plot_persistence(
       persistence, os.path.join(sample_dir, "persistence.png")), workdir)
@@ -276,12 +278,24 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   s = summary["sample"]
   _log(f"persistence {s['persistence']['overall']:.3f} (reference "
        f"{s['reference']['persistence']['overall']:.3f}), text following "
-       f"{s['text_following']:.3f}, flatness {s['flatness']:.3f}, stability "
+       f"{s['text_following']:.3f} (the story through the autoencoder: "
+       f"{s['autoencoded']['text_following']:.3f}), flatness {s['flatness']:.3f} "
+       f"({s['autoencoded']['flatness']:.3f}), stability "
        f"{s['stability']:.3f}; video: {info['video']}, numbers: "
        f"{os.path.join(workdir, 'summary.json')}")
   _log("sample any storyboard (here the held-out one again, with another seed) with:\n  "
        + sample_command(workdir, previous))
   return summary
+
+
+def autoencode(vae_dir: str, video: np.ndarray) -> np.ndarray:
+  """uint8 video [1 + 4k, H, W, 3] -> the same through the fitted autoencoder (encode's mean,
+  decode), uint8 [1 + 4k, H, W, 3]."""
+  from ttt_jax.models.vae_convert import load_converted_vae  # pylint: disable=g-import-not-at-top
+  _, vae = load_converted_vae(vae_dir)
+  latents, _ = vae.encode(jnp.asarray(video, jnp.float32)[None] / 127.5 - 1.0)
+  decoded = np.asarray(vae.decode(latents))[0]
+  return np.clip((decoded + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
 
 
 def held_out_story(config: ml_collections.ConfigDict, datasets) -> Any:
