@@ -253,20 +253,25 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     progress=False, overwrite=True)
   video, _ = read_mp4(info["video"])
   truth = toy_toons.render(story)
-  persistence = toy_metrics.persistence_score(video, story)
-  scores = lambda v: {"persistence": _metric(toy_metrics.persistence_score(v, story)),
-                      "text_following": toy_metrics.text_following_score(v, story)["mean"],
-                      **toy_metrics.frame_statistics(v)}
+
+  def scores(v: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(persistence_score's whole result, the summary's scores) of video v."""
+    persistence = toy_metrics.persistence_score(v, story)
+    return persistence, {"persistence": _metric(persistence),
+                         "text_following": toy_metrics.text_following_score(v, story)["mean"],
+                         **toy_metrics.frame_statistics(v)}
+
+  persistence, sample_scores = scores(video)
   summary["sample"] = {
       **{k: os.path.relpath(info[k], workdir) for k in ("video", "contact_sheet")},
       **{k: info[k] for k in ("frames", "segments")},
-      **scores(video),
+      **sample_scores,
       "per_segment": {k: persistence[k] for k in ("room", "color", "shape")},
       # The held-out story's own rendering: what a perfect model scores.
-      "reference": scores(truth),
+      "reference": scores(truth)[1],
       # The same through the autoencoder (encode, decode): what a model that generates the
       # story's own latents scores; the ceiling the latent space sets.
-      "autoencoded": scores(autoencode(vae_dir, truth)),
+      "autoencoded": scores(autoencode(vae_dir, truth))[1],
   }
   summary["sample"]["persistence_plot"] = os.path.relpath(plot_persistence(
       persistence, os.path.join(sample_dir, "persistence.png")), workdir)
@@ -291,11 +296,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def autoencode(vae_dir: str, video: np.ndarray) -> np.ndarray:
   """uint8 video [1 + 4k, H, W, 3] -> the same through the fitted autoencoder (encode's mean,
   decode), uint8 [1 + 4k, H, W, 3]."""
+  from ttt_jax.data.video_io import to_uint8  # pylint: disable=g-import-not-at-top
   from ttt_jax.models.vae_convert import load_converted_vae  # pylint: disable=g-import-not-at-top
   _, vae = load_converted_vae(vae_dir)
   latents, _ = vae.encode(jnp.asarray(video, jnp.float32)[None] / 127.5 - 1.0)
-  decoded = np.asarray(vae.decode(latents))[0]
-  return np.clip((decoded + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+  return to_uint8(np.asarray(vae.decode(latents))[0])
 
 
 def held_out_story(config: ml_collections.ConfigDict, datasets) -> Any:

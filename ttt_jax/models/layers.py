@@ -130,9 +130,10 @@ class _KeysBefore(splash.Mask):
 _SPLASH_BLOCK = 512
 
 
-def _splash_per_device(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                       interpret: bool) -> jax.Array:
-  """`splash_attention` on one device's heads: [b, s, h, d] -> [b, s, h, d]."""
+def _splash_per_device(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """`splash_attention` on one device's heads: [b, s, h, d] -> [b, s, h, d]. Mosaic when the
+  program compiles for TPU devices (mesh.compile_platform), the Pallas interpreter elsewhere."""
+  interpret = mesh_lib.compile_platform() != "tpu"
   batch, seq, heads, dim = q.shape
   block = min(_SPLASH_BLOCK, -(-seq // 128) * 128)
   padded = -(-seq // block) * block
@@ -163,8 +164,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   program is for TPU devices (mesh.compile_platform), the Pallas interpreter elsewhere (tests
   on CPU).
   """
-  interpret = mesh_lib.compile_platform() != "tpu"
-  run = lambda qkv, _, __: _splash_per_device(*qkv, interpret=interpret)
+  run = lambda qkv, _, __: _splash_per_device(*qkv)
   return mesh_lib.sequence_to_heads(run)((q, k, v))
 
 
@@ -247,7 +247,7 @@ class Attention(nnx.Module):
     if self.implementation == "cudnn":
       return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     if self.implementation == "splash":
-      return _splash_per_device(q, k, v, interpret=mesh_lib.compile_platform() != "tpu")
+      return _splash_per_device(q, k, v)
     if self.implementation == "chunked":
       return chunked_attention(q, k, v, self.query_chunk)
     return attention(q, k, v)
