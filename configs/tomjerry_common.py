@@ -15,6 +15,8 @@ Every number is the public reference's (ttt-video-dit, configs/train/ttt-mlp and
 configs/eval/ttt-mlp) unless a comment says why not; README "Recipe" lists them beside the
 paper's.
 """
+import copy
+
 import ml_collections
 
 from configs.arguments import parse_arguments
@@ -31,6 +33,29 @@ WARMUP_STEPS = {3: 100, 9: 100, 18: 50, 30: 50, 63: 25}
 TEXT_LENGTH = {3: 498, 9: 502, 18: 471, 30: 497, 63: 458}
 # runlocal (6 tokens a latent frame, mini-batch 16): the same property at CPU size, >= 8 tokens.
 RUNLOCAL_TEXT_LENGTH = {3: 18, 9: 22, 18: 15, 30: 9, 63: 10}
+
+
+def _layout(fsdp: int, context: int = 1, tensor: int = 1, data: int = 1, remat: str = "full",
+            remat_every_k_layers: int = 1, attention: str = "splash", ttt_impl: str = "pallas"):
+  return dict(mesh=dict(data=data, fsdp=fsdp, context=context, tensor=tensor),
+              model=dict(remat=remat, remat_every_k_layers=remat_every_k_layers,
+                         attention_impl=attention, mixer_options=dict(impl=ttt_impl)))
+
+
+# seconds -> {TPU slice: what fits it}: mesh, remat policy, attention and TTT kernel, as
+# `python -m ttt_jax.plan` compiled them (README "Plan" has the bytes a chip and which were
+# compiled at 42 layers). plan.py applies the --topology's, train.py the one it runs on
+# (ttt_jax/parallel/slices.py); flags that set these fields win. The global batch of 64 needs
+# data x fsdp <= 64, so a slice of more chips splits the sequence over context; 48 heads
+# divide by context x tensor. Slices: the paper trains on 256 H100s; v6e-256 (918 bf16
+# TFLOP/s a chip) is about that, v5p (459) runs the short stages on 64 chips, the rest on 128.
+SLICE_LAYOUTS = {
+    3: {"v5p-128": _layout(fsdp=64), "v6e-64": _layout(fsdp=64)},
+    9: {"v5p-128": _layout(fsdp=64), "v6e-256": _layout(fsdp=64, context=4)},
+    18: {"v5p-256": _layout(fsdp=64, context=2), "v6e-256": _layout(fsdp=32, context=8)},
+    30: {"v5p-256": _layout(fsdp=32, context=4), "v6e-256": _layout(fsdp=16, context=16)},
+    63: {"v5p-256": _layout(fsdp=16, context=8), "v6e-256": _layout(fsdp=16, context=16)},
+}
 
 
 def stage_config(seconds: int, arg=None) -> ml_collections.ConfigDict:
@@ -96,6 +121,13 @@ def stage_config(seconds: int, arg=None) -> ml_collections.ConfigDict:
   ))
   # Devices: data x fsdp x context x tensor (ttt_jax/parallel/mesh.py); -1 takes the rest.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
+  # Per TPU slice, the mesh, remat, attention and TTT kernel that fit (SLICE_LAYOUTS). None at
+  # runlocal size (2 heads); the TTT kernel only for the TTT-MLP layer they were measured with.
+  layouts = {} if runlocal else copy.deepcopy(SLICE_LAYOUTS[seconds])
+  if args["mixer"] != "ttt_mlp":
+    for layout in layouts.values():
+      del layout["model"]["mixer_options"]
+  c.slice_layouts = ml_collections.ConfigDict(layouts)
 
   first = previous is None
   c.init_from = ""                     # previous stage's workdir: parameters only

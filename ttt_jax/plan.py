@@ -8,13 +8,17 @@ and prints one JSON object: does the stage fit, and how.
 The TPU compiler is libtpu's (`pip install -e ".[tpu]"`); `get_topology_desc` gives compile-only
 devices for the slice, so nothing runs and no TPU is needed (maxtext's train_compile.py). The
 step is `ttt_jax.training.make_train_step` with the shardings training uses (gradient accumulation
-included): the numbers are those of `python -m ttt_jax.train` with the same config. The mesh
+included): the numbers are those of `python -m ttt_jax.train` with the same config. Without
+flags the config's layout for the slice (config.slice_layouts; ttt_jax/parallel/slices.py) sets
+the mesh, remat, attention and TTT kernel, as train.py does on that slice; a flag, shorthand or
+--config.FIELD, wins over it, and any mesh flag replaces the layout's whole mesh. The mesh
 flags set config.mesh (data takes the devices left: -1); `--config.model.num_layers=N` compiles
 fewer layers when a host cannot hold the compile of all 42 (the layers are one `scan`, so the
 per-layer bytes are (bytes(N) - bytes(M)) / (N - M); the JSON says how many it compiled).
 bench/aot_compile.py is this command.
 
-Keys: params, trainable_params, devices, mesh, grad_accum_steps, remat, per_device_bytes =
+Keys: layout (the config fields the slice's layout set), params, trainable_params, devices,
+mesh, mixer_impl, grad_accum_steps, remat, per_device_bytes =
 arguments + outputs + temps - aliases (memory_analysis, per chip), hbm_bytes, fits,
 flops_per_step (cost_analysis, per chip; it counts a while loop's body once, so the scanned
 layers, micro-batches and chunked attention are undercounted: 2.8e13 for the 3 s stage, where
@@ -46,7 +50,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -55,6 +59,7 @@ from ttt_jax import cli, training  # noqa: E402
 from ttt_jax.models.dit import remat_policy  # noqa: E402
 from ttt_jax.models.layers import IMPLEMENTATIONS  # noqa: E402
 from ttt_jax.parallel import mesh as mesh_lib  # noqa: E402
+from ttt_jax.parallel import slices  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file", lock_config=False)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "TPU slice, e.g. v5p-8 ... v5p-256, v6e-8")
@@ -65,32 +70,20 @@ _EVERY_K = flags.DEFINE_integer("remat_every_k_layers", None, "config.model.rema
 _ATTENTION = flags.DEFINE_enum("attention", None, list(IMPLEMENTATIONS),
                                "config.model.attention_impl")
 
-# Slice name -> (libtpu topology, chips per host, wrap-around links). v5p-N has N/2 chips (two
-# cores each, run as one "megacore" device); slices of a full 4x4x4 cube or more are tori.
-# v6e-N has N chips, one core each, 4 per host in 2x2 trays.
-_SLICES = {
-    "v5p-8": ("v5:2x2x1", (2, 2, 1), False), "v5p-16": ("v5:2x2x2", (2, 2, 1), False),
-    "v5p-32": ("v5:2x2x4", (2, 2, 1), False), "v5p-64": ("v5:2x4x4", (2, 2, 1), False),
-    "v5p-128": ("v5:4x4x4", (2, 2, 1), True), "v5p-256": ("v5:4x4x8", (2, 2, 1), True),
-    "v5p-512": ("v5:4x8x8", (2, 2, 1), True),
-    "v6e-4": ("v6e:2x2", (2, 2, 1), False), "v6e-8": ("v6e:2x4", (2, 2, 1), False),
-    "v6e-16": ("v6e:4x4", (2, 2, 1), False), "v6e-64": ("v6e:8x8", (2, 2, 1), False),
-    "v6e-256": ("v6e:16x16", (2, 2, 1), False),
-}
-# Per-chip HBM: v5p 95 GiB, v6e 32 GiB.
-_HBM = {"v5p": 95 * 2**30, "v6e": 32 * 2**30}
-
-
 def topology_devices(name: str) -> list[jax.Device]:
-  """Compile-only TPU devices of slice `name` (a key of _SLICES)."""
-  if name not in _SLICES:
-    raise ValueError(f"unknown topology {name!r}; known: {', '.join(_SLICES)}")
-  topology, per_host, wrap = _SLICES[name]
+  """Compile-only TPU devices of slice `name` (a key of slices.TOPOLOGIES)."""
+  if name not in slices.TOPOLOGIES:
+    raise ValueError(f"unknown topology {name!r}; known: {', '.join(slices.TOPOLOGIES)}")
+  topology, per_host, wrap = slices.TOPOLOGIES[name]
   v5p = name.startswith("v5p")
   return topologies.get_topology_desc(
       topology_name=topology, platform="tpu",
       chip_config_name="megacore" if v5p else "default", chips_per_host_bounds=per_host,
-      num_slices=1, wrap=(wrap,) * (3 if v5p else 2)).devices
+      num_slices=1, wrap=(wrap,) * 3).devices  # libtpu wants three, 2-D slices included
+
+
+def _peak_rss() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def compile_train_step(config, devices: list[jax.Device]) -> dict:
@@ -114,6 +107,7 @@ def compile_train_step(config, devices: list[jax.Device]) -> dict:
       "num_layers": config.model.num_layers,
       "dtype": config.model.dtype,
       "attention": config.model.get("attention_impl", "xla"),
+      "mixer_impl": config.model.get("mixer_options", {}).get("impl"),
       "global_batch": b,
       "devices": len(devices),
       "mesh": dict(mesh.shape),
@@ -126,6 +120,9 @@ def compile_train_step(config, devices: list[jax.Device]) -> dict:
   start = time.perf_counter()
   lowered = step_fn.lower(setup.abstract, batch, step)
   result["lower_seconds"] = round(time.perf_counter() - start, 1)
+  # Compiles of a whole stage run for many minutes: say where it is.
+  logging.info("lowered in %.0f s, host RSS %.1f GB; compiling", result["lower_seconds"],
+               _peak_rss() / 1e9)
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
@@ -172,18 +169,35 @@ def apply_flags(config, mesh: dict[str, int | None], remat: str | None,
   return config
 
 
+def configure(config, topology: str, config_overrides, mesh: dict[str, int | None],
+              remat: str | None, remat_every_k_layers: int | None,
+              attention: str | None) -> dict:
+  """The config's layout for slice `topology` (slices.apply_layout), then the shorthand flags
+  (apply_flags), into `config` in place; `config_overrides`: the --config.FIELD flags given,
+  which also win over the layout. Returns the layout's fields that were written."""
+  shorthand = {"mesh": any(v is not None for v in mesh.values()), "model.remat": remat,
+               "model.remat_every_k_layers": remat_every_k_layers,
+               "model.attention_impl": attention}
+  overridden = set(config_overrides) | {f for f, v in shorthand.items() if v not in (None, False)}
+  layout = slices.apply_layout(config, topology, overridden)
+  apply_flags(config, mesh, remat, remat_every_k_layers, attention)
+  return layout
+
+
 def main(argv):
   del argv
-  config = apply_flags(_CONFIG.value, {a: f.value for a, f in _MESH.items()}, _REMAT.value,
-                       _EVERY_K.value, _ATTENTION.value)
+  config = _CONFIG.value
+  layout = configure(config, _TOPOLOGY.value,
+                     config_flags.get_override_values(flags.FLAGS["config"]),
+                     {axis: f.value for axis, f in _MESH.items()}, _REMAT.value, _EVERY_K.value,
+                     _ATTENTION.value)
   result = compile_train_step(config, topology_devices(_TOPOLOGY.value))
-  hbm = _HBM[_TOPOLOGY.value.split("-")[0]]
+  hbm = slices.HBM_BYTES[_TOPOLOGY.value.split("-")[0]]
   per_device = result["per_device_bytes"]
-  result.update(topology=_TOPOLOGY.value, hbm_bytes=hbm,
+  result.update(topology=_TOPOLOGY.value, layout=layout, hbm_bytes=hbm,
                 fits=per_device is not None and per_device <= hbm,
                 per_device_gib=None if per_device is None else round(per_device / 2**30, 2),
-                # ru_maxrss is in KiB on Linux.
-                peak_host_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                peak_host_rss_bytes=_peak_rss())
   print(json.dumps(result))
 
 

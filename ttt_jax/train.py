@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 
 import jax
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_flags
 
 from ttt_jax import cli, toy_job, training
+from ttt_jax.parallel import slices
 
 
 def main(argv):
@@ -29,6 +30,13 @@ def main(argv):
   if flags.FLAGS.distributed:  # multi-host (TPU pod, multi-node GPU): before any device use
     ids = flags.FLAGS.local_device_ids
     jax.distributed.initialize(local_device_ids=[int(i) for i in ids] if ids else None)
+  # The config's layout for this TPU slice (mesh, remat, attention, TTT kernel), unless the
+  # command line set those fields.
+  name = slices.slice_name(jax.devices())
+  layout = slices.apply_layout(config, name,
+                               config_flags.get_override_values(flags.FLAGS["config"]))
+  if layout:
+    logging.info("layout for %s: %s", name, layout)
   if config.get("pipeline"):  # configs/toy.py: the whole toy job, not one stage
     toy_job.run(config, workdir)  # prints its own lines; the numbers are in summary.json
   else:

@@ -62,6 +62,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
@@ -125,8 +126,14 @@ def make_mesh(data: int = -1, fsdp: int = 1, context: int = 1, tensor: int = 1,
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
                      f"have {len(devices)}")
   # Auto axes: XLA propagates shardings from the annotated inputs/outputs of a jitted step.
-  return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  try:
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types, devices=devices)
+  except NotImplementedError:
+    # A TPU torus whose axes the sizes are not products of (fsdp=64 x context=2 on a 4x4x8
+    # v5p-256): split a physical axis, as maxtext does, rather than refuse the mesh.
+    grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_spec(names: Iterable[str | None] | None, shape: Sequence[int], mesh: Mesh,
