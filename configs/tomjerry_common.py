@@ -53,8 +53,10 @@ SLICE_LAYOUTS = {
     3: {"v5p-128": _layout(fsdp=64), "v6e-64": _layout(fsdp=64)},
     9: {"v5p-128": _layout(fsdp=64), "v6e-256": _layout(fsdp=64, context=4)},
     18: {"v5p-256": _layout(fsdp=64, context=2), "v6e-256": _layout(fsdp=32, context=8)},
-    30: {"v5p-256": _layout(fsdp=32, context=4), "v6e-256": _layout(fsdp=16, context=16)},
-    63: {"v5p-256": _layout(fsdp=16, context=8), "v6e-256": _layout(fsdp=16, context=16)},
+    30: {"v5p-256": _layout(fsdp=32, context=4),
+         "v6e-256": _layout(fsdp=16, context=8, tensor=2)},
+    63: {"v5p-256": _layout(fsdp=16, context=8),
+         "v6e-256": _layout(fsdp=16, context=8, tensor=2, remat_every_k_layers=2)},
 }
 
 

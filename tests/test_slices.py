@@ -70,7 +70,7 @@ def test_flags_win_over_the_layout():
   config = _load(63)
   written = slices.apply_layout(config, "v6e-256", {"model.mixer_options.impl"})
   assert config.model.mixer_options.impl == "dual" and "model.mixer_options.impl" not in written
-  assert config.mesh.context == 16
+  assert (config.mesh.context, config.mesh.tensor) == (8, 2)
 
 
 def test_no_layout_off_the_table():

@@ -1,8 +1,8 @@
 """The ahead-of-time plan: compiles the real train step for a TPU slice on any host (this CPU)
 and prints one JSON object: does the stage fit, and how.
 
-  python -m ttt_jax.plan --config=configs/tomjerry_3s.py --topology=v5p-128 \
-      [--mesh.fsdp=64 --mesh.context=1 --remat=full --remat_every_k_layers=1 \
+  python -m ttt_jax.plan --config=configs/tomjerry_63s.py --topology=v5p-256 \
+      [--mesh.fsdp=16 --mesh.context=8 --remat=full --remat_every_k_layers=1 \
        --attention=splash] [--config.FIELD=VALUE ...]
 
 The TPU compiler is libtpu's (`pip install -e ".[tpu]"`); `get_topology_desc` gives compile-only
@@ -28,8 +28,11 @@ as plain XLA), lower_seconds, compile_seconds, peak_host_rss_bytes. A step over 
 compile for TPU: then fits is false, per_device_bytes null, and temp_bytes is what the compiler
 said its temporaries need.
 
-Measured (README "Plan"): tomjerry_3s, 42 layers, v5p-128 (64 chips), fsdp=64, global batch
-64 (1 sample a chip, 1 micro-batch), chunked attention, remat full: 24.27 GiB a chip (temps
+Measured (README "Plan" has every stage): tomjerry_63s's layout for v5p-256 (fsdp=16 x
+context=8, 4 micro-batches, splash, impl="pallas", remat full) compiles at 30.4 / 31.7 GiB a chip
+with 2 / 4 layers (563 / 477 s, host RSS 13 GB): 56.5 GiB at 42 by extrapolation. Compiled at
+42 layers: tomjerry_3s, v5p-128 (64 chips), fsdp=64, global batch 64 (1 sample a chip, 1
+micro-batch), chunked attention, remat full: 24.27 GiB a chip (temps
 23.8 GB, arguments 2.2 GB), fits 95 GiB; compile 1069 s, host RSS 7.6 GB. attention_impl=xla
 with 2 layers already needs 71.6 GiB: a segment's float32 scores (18k x 18k x 48 heads, ~62 GB)
 in the backward pass.
