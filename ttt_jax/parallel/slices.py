@@ -30,20 +30,24 @@ TOPOLOGIES = {
 }
 # Per-chip HBM by generation.
 HBM_BYTES = {"v5p": 95 * 2**30, "v6e": 32 * 2**30}
-# jax's device_kind -> (generation, slice-name units a chip).
-_KINDS = {"TPU v5": ("v5p", 2), "TPU v6 lite": ("v6e", 1)}
+# Slice-name units a chip, by generation (v5p counts cores, two a chip).
+_UNITS_PER_CHIP = {"v5p": 2, "v6e": 1}
+# jax's device_kind -> generation.
+_KINDS = {"TPU v5": "v5p", "TPU v6 lite": "v6e"}
 
 
 def chips(name: str) -> int:
   """Chips of slice `name`: 'v5p-256' -> 128, 'v6e-256' -> 256."""
   generation, units = name.split("-")
-  return int(units) // (2 if generation == "v5p" else 1)
+  return int(units) // _UNITS_PER_CHIP[generation]
 
 
 def slice_name(devices: Sequence[jax.Device]) -> str | None:
   """The slice `devices` make ('v5p-256' for 128 v5p chips); None off v5p/v6e TPUs."""
-  kind = _KINDS.get(devices[0].device_kind)
-  return None if kind is None else f"{kind[0]}-{len(devices) * kind[1]}"
+  generation = _KINDS.get(devices[0].device_kind)
+  if generation is None:
+    return None
+  return f"{generation}-{len(devices) * _UNITS_PER_CHIP[generation]}"
 
 
 def _flatten(tree: Any, path: str = "") -> dict[str, Any]:
