@@ -62,8 +62,10 @@ def _toy_stage(seconds: int, runlocal: bool, long: bool) -> ml_collections.Confi
   c.model.update(dict(num_heads=4, head_dim=32, num_layers=2, in_channels=16, out_channels=16,
                       text_embed_dim=64, time_embed_dim=32, sample_height=8, sample_width=12,
                       max_text_seq_length=32, use_learned_positional_embeddings=True,
-                      # Recomputing blocks saves memory this job does not need, for ~10% time.
-                      remat=False, dtype="float32"))
+                      # Recomputing blocks saves memory this job does not need, for ~10% time;
+                      # unrolling the two layers' scan saves 21% of a 3 s step and 13% of a 9 s
+                      # one on 2 cores (README, "The toy main job").
+                      remat=False, unroll_layers=True, dtype="float32"))
   c.model.mixer_options.update(dict(mini_batch_size=24, checkpoint_group_size=4))
   c.text.max_length = 32
   c.vae.update(dict(tiling=False, frame_batch_size=4))

@@ -203,6 +203,30 @@ def test_gradient_matches_finite_differences(x64):
   assert float(jnp.abs(grad["blocks"]["alpha"]).max()) > 0
 
 
+@pytest.mark.parametrize("remat,k", [("none", 1), ("full", 2)])
+def test_unrolled_layers_equal_the_layer_scan(remat, k):
+  """`unroll_layers` (the toy's 2 layers) is the scanned model's loss and gradients, with and
+  without remat groups; TTT-MLP as the mixer."""
+  cfg = dataclasses.replace(SMALL, num_layers=2, mixer="ttt_mlp", remat=remat,
+                            remat_every_k_layers=k)
+  graphdef, params = nnx.split(DiT(cfg, rngs=nnx.Rngs(0)))
+  latents, text, t = _inputs(cfg, segments=2)
+
+  def run(unroll):
+    def loss(p):
+      model = nnx.merge(graphdef, p)
+      model.config = dataclasses.replace(cfg, unroll_layers=unroll)
+      return jnp.mean(model(latents, text, t) ** 2)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  loss, grads = run(False)
+  other_loss, other_grads = run(True)
+  np.testing.assert_allclose(other_loss, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               other_grads, grads)
+  assert float(loss) > 0
+
+
 @pytest.fixture(scope="module")
 def plain_backbone():
   """A mixer-free model's parameters and its output (one compile for all mixers)."""
