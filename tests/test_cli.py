@@ -186,3 +186,42 @@ def test_sample_takes_a_finished_training_workdir_for_its_model(tmp_path):
   assert resolve_checkpoint(str(tmp_path / "model")) == str(tmp_path / "model")
   with pytest.raises(ValueError, match="expected a model folder with params/ and config.json"):
     resolve_checkpoint(str(tmp_path / "checkpoints"))
+
+
+def test_huge_pages_restarts_only_a_ttt_jax_command_once(tmp_path, monkeypatch):
+  """`python -m ttt_jax.X` restarts with glibc's hugetlb tunable (others kept), once; never
+  where the kernel's THP mode, the libc, an opt-out or another launcher says no."""
+  calls = []
+  monkeypatch.setattr(os, "execve", lambda *a: calls.append(a))
+  monkeypatch.setattr(sys, "platform", "linux")
+  monkeypatch.setattr(cli.platform, "libc_ver", lambda: ("glibc", "2.36"))
+  mode = tmp_path / "enabled"
+  monkeypatch.setattr(cli, "_THP_MODE", str(mode))
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+  monkeypatch.delenv("TTT_JAX_HUGE_PAGES", raising=False)
+  command = ["python3", "-m", "ttt_jax.train", "--config=configs/toy.py"]
+
+  mode.write_text("always [madvise] never\n")
+  cli.huge_pages(command)
+  (exe, argv, env), = calls
+  assert exe == sys.executable and argv == [sys.executable] + command[1:]
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+
+  monkeypatch.setenv("GLIBC_TUNABLES", env["GLIBC_TUNABLES"])  # the restarted process
+  cli.huge_pages(command)
+  monkeypatch.setenv("GLIBC_TUNABLES", "")
+  cli.huge_pages(["pytest", "tests"])
+  cli.huge_pages(["python3", "-m", "pytest"])
+  monkeypatch.setenv("TTT_JAX_HUGE_PAGES", "0")
+  cli.huge_pages(command)
+  monkeypatch.delenv("TTT_JAX_HUGE_PAGES")
+  mode.write_text("always madvise [never]\n")
+  cli.huge_pages(command)
+  mode.write_text("[always] madvise never\n")
+  cli.huge_pages(command)
+  mode.write_text("always [madvise] never\n")
+  monkeypatch.setattr(cli.platform, "libc_ver", lambda: ("glibc", "2.31"))
+  cli.huge_pages(command)
+  monkeypatch.setattr(cli.platform, "libc_ver", lambda: ("", ""))
+  cli.huge_pages(command)
+  assert len(calls) == 1
