@@ -8,8 +8,8 @@ command exits with status 1; `--verbose` re-raises it with its traceback. Errors
 `USER_ERRORS` are bugs and keep their traceback. The library raises these errors with messages
 that name the file, flag, segment or field; this module only decides how they are shown.
 
-`run_absl` first restarts a `python -m ttt_jax.<command>` process once with transparent huge
-pages for its large allocations (`huge_pages`).
+A `python -m ttt_jax.<command>` process restarts once, when the package is imported, with
+transparent huge pages for its large allocations (`huge_pages`, called by ttt_jax/__init__.py).
 
 A training run stopped by SIGTERM (preemption) raises `Preempted` once its checkpoint is saved:
 shown as one line saying how to resume, exit status 0.
@@ -195,9 +195,7 @@ def huge_pages(argv: Sequence[str] | None = None) -> None:
 
 
 def run_absl(main: Callable[[list[str]], Any]) -> None:
-  """`absl.app.run(main)` with one-line errors; defines --verbose. A `python -m` command is
-  first restarted with huge pages (`huge_pages`)."""
-  huge_pages()
+  """`absl.app.run(main)` with one-line errors; defines --verbose."""
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   if "verbose" not in flags.FLAGS:
     flags.DEFINE_bool("verbose", False, "show the full traceback of an error")
