@@ -15,9 +15,11 @@ Implementations that return the same numbers:
     forward re-run once from the weights saved at its start, its residuals kept, then its
     mini-batches pulled back in reverse. checkpoint_group_size=None saves every mini-batch's
     weights and residuals in the forward instead, and the backward is dual.backward alone (no
-    forward matmul twice; memory grows with them, see `ttt_scan`). The scans run over
-    [n, batch * heads, ...] with the step vmapped over batch * heads, so every term is one
-    batched matmul and the groups are cut without transposes.
+    forward matmul twice; memory grows with them, see `ttt_scan`). The loops run over the
+    mini-batches of [batch * heads, n, ...] (a reshape of the inputs), slicing mini-batch i out
+    of axis 1 and writing z and the input cotangents back in place, with the step vmapped over
+    batch * heads, so every term is one batched matmul and no transpose moves the inputs, z or
+    their cotangents.
   impl="dual_autodiff": the same forward, differentiated by JAX through the scan and jax.checkpoint
     (the backward before dual.backward existed; bench/ttt_layer.py measures against it).
   impl="pallas": the fused kernels of pallas_kernels/ (same semantics, see that package).
@@ -87,15 +89,129 @@ class _DualConfig:
     return jax.vmap(step)(w, w_new, ln_w, ln_b, mb, res, dw_new, dz)
 
 
+def _mini_batch(xs, i):
+  """Mini-batch i (an int or traced) of xs [batch * heads, n, ...]: [batch * heads, ...]."""
+  return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False), xs)
+
+
+def _put(bufs, vals, i):
+  """bufs [batch * heads, n, ...] with mini-batch i set to vals [batch * heads, ...]."""
+  return jax.tree.map(lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, v, i, axis=1),
+                      bufs, vals)
+
+
+def _run(cfg: _DualConfig, w, ln_w, ln_b, xs, z, start, count: int):
+  """Mini-batches start .. start + count - 1 in order: (the weights after them, z with theirs
+  written in)."""
+  def body(i, carry):
+    w, z = carry
+    w, z_i = cfg.step(w, ln_w, ln_b, _mini_batch(xs, i))
+    return w, _put(z, z_i, i)
+
+  return jax.lax.fori_loop(start, start + count, body, (w, z))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _dual_scan(cfg: _DualConfig, w0: inner_lib.Weights, ln_w: jax.Array, ln_b: jax.Array,
                xs: dual.MiniBatch) -> tuple[inner_lib.Weights, jax.Array]:
-  """impl="dual": (final weights, z [n, batch * heads, b, d]).
+  """impl="dual": (final weights, z [batch * heads, n, b, d]).
 
-  w0, ln_w, ln_b carry a leading [batch * heads] axis; xs is [n, batch * heads, b, ...]: the
-  mini-batch axis leads, so that the scans and the checkpoint groups cut it without transposes.
+  w0, ln_w, ln_b carry a leading [batch * heads] axis; xs is [batch * heads, n, b, ...] (a reshape
+  of the [batch, heads, seq, ...] inputs, no transpose): the loops slice mini-batch i out of axis
+  1 and write z and the input cotangents back in place.
   """
-  return jax.lax.scan(lambda w, mb: cfg.step(w, ln_w, ln_b, mb), w0, xs)
+  return _run(cfg, w0, ln_w, ln_b, xs, jnp.zeros_like(xs.xq), 0, xs.xq.shape[1])
+
+
+def _dual_scan_fwd(cfg, w0, ln_w, ln_b, xs):
+  n = xs.xq.shape[1]
+  z = jnp.zeros_like(xs.xq)
+  if cfg.group_size is None:
+    # Keep every mini-batch's starting weights and `dual.forward`'s residuals ([n, ...]): the
+    # backward then runs `dual.backward` alone, no forward matmul again.
+    def collect(carry, i):
+      w, z = carry
+      w_new, z_i, res = cfg.forward(w, ln_w, ln_b, _mini_batch(xs, i))
+      return (w_new, _put(z, z_i, i)), (w, dual.stored_residuals(res))
+
+    (w, z), (ws, res) = jax.lax.scan(collect, (w0, z), jnp.arange(n))
+    return (w, z), (ln_w, ln_b, xs, (ws, w, res))
+  # Keep only the weights at group starts; the backward re-runs one group at a time.
+  g = min(cfg.group_size, n)
+  n_full = n // g
+
+  def group(carry, k):
+    w, z = carry
+    return _run(cfg, w, ln_w, ln_b, xs, z, k * g, g), w
+
+  (w, z), ckpts = jax.lax.scan(group, (w0, z), jnp.arange(n_full))
+  w_tail = w
+  if n_full * g < n:
+    w, z = _run(cfg, w, ln_w, ln_b, xs, z, n_full * g, n - n_full * g)
+  return (w, z), (ln_w, ln_b, xs, (ckpts, w_tail))
+
+
+def _group_backward(cfg: _DualConfig, w_start, ln_w, ln_b, xs, dz, start, m: int, carry):
+  """One checkpoint group, mini-batches start .. start + m - 1 of xs, dz, in reverse: re-run it
+  from its starting weights, keeping each mini-batch's weights and `dual.forward`'s residuals,
+  then pull the cotangents back through `dual.backward` mini-batch by mini-batch; carry = (dW,
+  d ln_w, d ln_b, the input cotangents [batch * heads, n, ...], this group's written in place).
+
+  The group's forward runs once in the backward. Its mini-batches are unrolled (groups are a few
+  mini-batches): the residuals stay values of one loop body instead of stacks that two inner
+  scans write, copy and read back.
+  """
+  mbs = [_mini_batch(xs, start + j) for j in range(m)]
+  ws, res = [w_start], []
+  for mb in mbs:
+    w_new, _, res_i = cfg.forward(ws[-1], ln_w, ln_b, mb)
+    ws.append(w_new)
+    res.append(res_i)
+  dw, d_lnw, d_lnb, dxs = carry
+  for j in reversed(range(m)):
+    dw, dlnw_j, dlnb_j, d_mb = cfg.backward(ws[j], ws[j + 1], ln_w, ln_b, mbs[j], res[j], dw,
+                                            _mini_batch(dz, start + j))
+    d_lnw, d_lnb = d_lnw + dlnw_j, d_lnb + dlnb_j
+    dxs = _put(dxs, d_mb, start + j)
+  return dw, d_lnw, d_lnb, dxs
+
+
+def _dual_scan_bwd(cfg, saved, cotangents):
+  ln_w, ln_b, xs, rest = saved
+  dw, dz = cotangents
+  n = xs.xq.shape[1]
+  carry = (dw, jnp.zeros_like(ln_w), jnp.zeros_like(ln_b), jax.tree.map(jnp.zeros_like, xs))
+  if cfg.group_size is None:
+    # In reverse; the weights after mini-batch i (those before i + 1) ride in the carry, so the
+    # saved stack is not copied into a shifted one.
+    def body(carry, inputs):
+      dw, w_new, d_lnw, d_lnb, dxs = carry
+      i, w, res = inputs
+      dw, dlnw_i, dlnb_i, d_mb = cfg.backward(w, w_new, ln_w, ln_b, _mini_batch(xs, i),
+                                              dual.full_residuals(res), dw, _mini_batch(dz, i))
+      return (dw, w, d_lnw + dlnw_i, d_lnb + dlnb_i, _put(dxs, d_mb, i)), None
+
+    ws, w_final, res = rest
+    dw, d_lnw, d_lnb, dxs = carry
+    (dw, _, d_lnw, d_lnb, dxs), _ = jax.lax.scan(body, (dw, w_final, d_lnw, d_lnb, dxs),
+                                                 (jnp.arange(n), ws, res), reverse=True)
+    return dw, d_lnw, d_lnb, dxs
+
+  ckpts, w_tail = rest
+  g = min(cfg.group_size, n)
+  n_full = n // g
+  if n_full * g < n:
+    carry = _group_backward(cfg, w_tail, ln_w, ln_b, xs, dz, n_full * g, n - n_full * g, carry)
+
+  def group(carry, inputs):
+    k, w_start = inputs
+    return _group_backward(cfg, w_start, ln_w, ln_b, xs, dz, k * g, g, carry), None
+
+  carry, _ = jax.lax.scan(group, carry, (jnp.arange(n_full), ckpts), reverse=True)
+  return carry
+
+
+_dual_scan.defvjp(_dual_scan_fwd, _dual_scan_bwd)
 
 
 def _split_groups(tree, g: int):
@@ -105,97 +221,6 @@ def _split_groups(tree, g: int):
   n_full = n // g
   full = jax.tree.map(lambda a: a[:n_full * g].reshape(n_full, g, *a.shape[1:]), tree)
   return full, jax.tree.map(lambda a: a[n_full * g:], tree)
-
-
-def _dual_scan_fwd(cfg, w0, ln_w, ln_b, xs):
-  step = lambda w, mb: cfg.step(w, ln_w, ln_b, mb)
-  if cfg.group_size is None:
-    # Keep every mini-batch's starting weights and `dual.forward`'s residuals: the backward then
-    # runs `dual.backward` alone, no forward matmul again.
-    def collect(w, mb):
-      w_new, z, res = cfg.forward(w, ln_w, ln_b, mb)
-      return w_new, (z, w, dual.stored_residuals(res))
-
-    w, (z, ws, res) = jax.lax.scan(collect, w0, xs)
-    return (w, z), (ln_w, ln_b, xs, (ws, w, res))
-  # Keep only the weights at group starts; the backward re-runs one group at a time.
-  full, tail = _split_groups(xs, cfg.group_size)
-
-  def group(w, xg):
-    w_end, z = jax.lax.scan(step, w, xg)
-    return w_end, (z, w)
-
-  w, (z, ckpts) = jax.lax.scan(group, w0, full)
-  z = z.reshape(-1, *z.shape[2:])
-  w_tail = w
-  if tail.xq.shape[0]:
-    w, z_tail = jax.lax.scan(step, w, tail)
-    z = jnp.concatenate([z, z_tail])
-  return (w, z), (ln_w, ln_b, xs, (ckpts, w_tail))
-
-
-def _group_backward(cfg: _DualConfig, w_start, ln_w, ln_b, xg, dzg, carry):
-  """One checkpoint group in reverse: re-run it from its starting weights, keeping each
-  mini-batch's weights and `dual.forward`'s residuals, then pull the cotangents back through
-  `dual.backward` mini-batch by mini-batch; carry = (dW, d ln_w, d ln_b).
-
-  The group's forward runs once in the backward. Its mini-batches are unrolled (groups are a few
-  mini-batches): the residuals stay values of one loop body instead of stacks that two inner
-  scans write, copy and read back.
-  """
-  mbs = [jax.tree.map(lambda a, i=i: a[i], xg) for i in range(xg.xq.shape[0])]
-  ws, res = [w_start], []
-  for mb in mbs:
-    w_new, _, res_i = cfg.forward(ws[-1], ln_w, ln_b, mb)
-    ws.append(w_new)
-    res.append(res_i)
-  dw, d_lnw, d_lnb = carry
-  d_mbs = []
-  for i in reversed(range(len(mbs))):
-    dw, dlnw_i, dlnb_i, d_mb = cfg.backward(ws[i], ws[i + 1], ln_w, ln_b, mbs[i], res[i], dw,
-                                            dzg[i])
-    d_lnw, d_lnb = d_lnw + dlnw_i, d_lnb + dlnb_i
-    d_mbs.append(d_mb)
-  return (dw, d_lnw, d_lnb), jax.tree.map(lambda *a: jnp.stack(a), *d_mbs[::-1])
-
-
-def _dual_scan_bwd(cfg, saved, cotangents):
-  ln_w, ln_b, xs, rest = saved
-  dw, dz = cotangents
-  carry = (dw, jnp.zeros_like(ln_w), jnp.zeros_like(ln_b))
-  if cfg.group_size is None:
-    # In reverse; the weights after mini-batch i (those before i + 1) ride in the carry, so the
-    # saved stack is not copied into a shifted one.
-    def body(carry, inputs):
-      dw, w_new, d_lnw, d_lnb = carry
-      w, mb, res, dz_i = inputs
-      dw, dlnw_i, dlnb_i, d_mb = cfg.backward(w, w_new, ln_w, ln_b, mb,
-                                              dual.full_residuals(res), dw, dz_i)
-      return (dw, w, d_lnw + dlnw_i, d_lnb + dlnb_i), d_mb
-
-    ws, w_final, res = rest
-    (dw, _, d_lnw, d_lnb), dxs = jax.lax.scan(body, (dw, w_final, *carry[1:]), (ws, xs, res, dz),
-                                              reverse=True)
-    return dw, d_lnw, d_lnb, dxs
-
-  def group(carry, inputs):
-    w_start, xg, dzg = inputs
-    return _group_backward(cfg, w_start, ln_w, ln_b, xg, dzg, carry)
-
-  ckpts, w_tail = rest
-  full, tail = _split_groups(xs, cfg.group_size)
-  dz_full, dz_tail = _split_groups(dz, cfg.group_size)
-  dxs_tail = None
-  if tail.xq.shape[0]:
-    carry, dxs_tail = group(carry, (w_tail, tail, dz_tail))
-  (dw, d_lnw, d_lnb), dxs = jax.lax.scan(group, carry, (ckpts, full, dz_full), reverse=True)
-  dxs = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), dxs)
-  if dxs_tail is not None:
-    dxs = jax.tree.map(lambda a, t: jnp.concatenate([a, t]), dxs, dxs_tail)
-  return dw, d_lnw, d_lnb, dxs
-
-
-_dual_scan.defvjp(_dual_scan_fwd, _dual_scan_bwd)
 
 
 def _scan_groups(step, w0, xs, group_size: int | None):
@@ -316,14 +341,14 @@ def ttt_scan(inner: str, params: Params, xq: jax.Array, xk: jax.Array, xv: jax.A
                     jnp.dtype(matmul_dtype or dtype).name, jnp.dtype(dtype).name)
 
   if impl == "dual":
-    # [batch, heads, n, ...] -> [n, batch * heads, ...]; W0 and the LayerNorm broadcast over the
-    # batch (autodiff sums their cotangents back).
-    lead = lambda a: jnp.moveaxis(a, 2, 0).reshape(n_mb, batch * heads, *a.shape[3:])
+    # [batch, heads, n, ...] -> [batch * heads, n, ...], a reshape (no transpose of the inputs,
+    # z or their cotangents); W0 and the LayerNorm broadcast over the batch (autodiff sums their
+    # cotangents back).
+    flat = lambda a: a.reshape(batch * heads, *a.shape[2:])
     per_bh = lambda a: jnp.broadcast_to(a, (batch, *a.shape)).reshape(batch * heads, *a.shape[1:])
     final, z = _dual_scan(cfg, jax.tree.map(per_bh, w0), per_bh(params["ln_weight"]),
-                          per_bh(params["ln_bias"]), jax.tree.map(lead, xs))
+                          per_bh(params["ln_bias"]), jax.tree.map(flat, xs))
     final = jax.tree.map(lambda a: a.reshape(batch, heads, *a.shape[1:]), final)
-    z = jnp.moveaxis(z.reshape(n_mb, batch, heads, mini_batch_size, d), 0, 2)
     z = z.reshape(batch, heads, n_mb * mini_batch_size, d)[:, :, :seq]
     return z.astype(out_dtype), final
 
