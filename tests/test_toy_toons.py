@@ -27,6 +27,17 @@ def test_deterministic_by_seed():
   assert toy.render(toy.generate_story(12, 3)).tobytes() != toy.render(one).tobytes()
 
 
+def test_vocabulary_texts_hold_every_word_the_stories_write():
+  vocabulary = {w.strip(".,") for t in toy.vocabulary_texts() for w in t.split()}
+  written = {w.strip(".,") for seed in range(200)
+             for t in toy.story_texts(toy.generate_story(seed, 4)) for w in t.split()}
+  assert written <= vocabulary
+  for words in (toy.ROOM_COLORS, toy.FLOOR_COLORS, toy.CHARACTER_COLORS, toy.SHAPES, toy.NAMES):
+    assert set(words) <= vocabulary
+  assert {w for a in toy.ACTIONS for w in a.split()} <= vocabulary
+  assert toy.vocabulary_texts() == toy.vocabulary_texts()
+
+
 @pytest.mark.parametrize("segments,height,width", [(1, 32, 48), (3, 32, 48), (2, 64, 96)])
 def test_example_follows_schema(segments, height, width):
   story = toy.generate_story(5, segments, height=height, width=width)

@@ -40,7 +40,7 @@ from absl import logging
 from ttt_jax import checkpoint, training
 
 
-def _stage_configs(config: ml_collections.ConfigDict) -> list[tuple[int, Any]]:
+def stage_configs(config: ml_collections.ConfigDict) -> list[tuple[int, Any]]:
   """(seconds, stage config) for config.stages' 's3', 's9', ... in order of length."""
   return sorted(((int(name[1:]), stage) for name, stage in config.stages.items()),
                 key=lambda pair: pair[0])
@@ -99,7 +99,7 @@ def _logs_to_file(path: str) -> Iterator[None]:
 def build_datasets(config, workdir: str) -> dict[int, Any]:
   from ttt_jax.data.builders import toy_toons as builder  # pylint: disable=g-import-not-at-top
   out = {}
-  for seconds, _ in _stage_configs(config):
+  for seconds, _ in stage_configs(config):
     out[seconds] = builder.build(
         os.path.join(workdir, "data"), segments=seconds // 3,
         num_train=config.toy.num_train[f"s{seconds}"], num_test=config.toy.num_test, height=config.height,
@@ -131,8 +131,10 @@ def build_text_encoder(config, workdir: str, datasets) -> tuple[str, str]:
             for t in toy_toons.story_texts(story)]
   # Word pieces: the toy vocabulary is a few dozen words, and a sub-word model of that corpus
   # splits the first segment's facts into so many pieces that max_length would cut them off.
+  # Trained on a fixed corpus, not the datasets' texts: word ids ordered by frequency in those
+  # changed with every stage's story count, and with them every stage's result.
   sentencepiece.SentencePieceTrainer.train(
-      sentence_iterator=iter(corpus), model_prefix=os.path.join(text_dir, "spiece"),
+      sentence_iterator=iter(toy_toons.vocabulary_texts()), model_prefix=os.path.join(text_dir, "spiece"),
       vocab_size=1000, hard_vocab_limit=False, model_type="word", pad_id=0, eos_id=1,
       unk_id=2, bos_id=-1, minloglevel=2)
   tokenizer = StoryboardTokenizer(spm, max_length=config.text.max_length)
@@ -216,7 +218,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # Paths relative to the workdir: the same seed gives the same summary.json, wherever it runs.
   summary: dict[str, Any] = {"stages": {}}
   previous = ""
-  for seconds, stage in _stage_configs(config):
+  for seconds, stage in stage_configs(config):
     stage = _with_models(stage, spm, t5_dir, vae_dir)
     start = time.perf_counter()
     latents = os.path.join(workdir, "latents", stage.stage)
@@ -239,7 +241,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     previous = out["workdir"]
 
   # One minute from a held-out storyboard (the 63 s test split was never trained on).
-  _, stage = _stage_configs(config)[-1]
+  _, stage = stage_configs(config)[-1]
   stage = _with_models(stage, spm, t5_dir, vae_dir)
   story = held_out_story(config, datasets)
   storyboard = os.path.join(workdir, "storyboard.json")

@@ -21,6 +21,7 @@ Its metrics (persistence, text following, frame statistics) are in toy_metrics.p
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from typing import Any
 
@@ -266,6 +267,30 @@ def story_texts(story: Story) -> list[str]:
       sentences.insert(0, f"In a {story.room} room with a {story.floor} floor, "
                           f"{', '.join(looks[:-1])} and {looks[-1]}.")
     texts.append(" ".join(sentences))
+  return texts
+
+
+def vocabulary_texts() -> list[str]:
+  """A fixed corpus that uses every word `story_texts` can write, for training a tokenizer.
+
+  A word-level tokenizer numbers words by their frequency in its corpus; trained on a dataset's
+  stories, its ids (hence every text embedding, hence every model) would change with the number
+  of stories drawn. This corpus depends on nothing: one story per wall and floor, each character
+  pair, colour pair and shape pair rotating through the lists, and every action pair once.
+  """
+  colors = list(CHARACTER_COLORS)
+  actions = tuple(itertools.product(ACTIONS, repeat=2))
+  texts = []
+  for i, (room, floor) in enumerate(itertools.product(ROOM_COLORS, FLOOR_COLORS)):
+    for j in range(len(NAMES)):
+      k = i + j
+      characters = tuple(
+          Character(NAMES[(j + d) % len(NAMES)], colors[(k + d) % len(colors)],
+                    SHAPES[(k + d) % len(SHAPES)]) for d in (0, 1))
+      story = Story(seed=0, fps=16, height=32, width=48, room=room, floor=floor,
+                    characters=characters, actions=actions, starts=((),) * len(actions),
+                    scene_start=(True,) * len(actions))
+      texts += story_texts(story)
   return texts
 
 
