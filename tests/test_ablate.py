@@ -86,6 +86,11 @@ def test_ablation_outputs(ablation):
     assert (run / "eval" / "eval.png").stat().st_size > 0
   # The second mixer's run reused the first one's data, text encoder, autoencoder and latents.
   assert os.path.islink(workdir / "runs" / "swa_seed0" / "latents")
+  # ... and started from its first stage (configs/toy.py's 3 s stage has no mixer): not retrained.
+  # A fresh stage writes its config.json when it starts; the copy keeps the first run's.
+  first = [(workdir / "runs" / f"{m}_seed0" / "stages" / "toy_3s" / "config.json").stat()
+           for m in MIXERS]
+  assert len({s.st_mtime_ns for s in first}) == 1
 
 
 def command(module, *args):

@@ -17,7 +17,8 @@ stopped (the job skips what it finished and resumes training from its checkpoint
 with eval.json is kept; step times are kept while they cover the mixers at the same length. The
 runs of one seed share the pieces that do not depend on the mixer (toy_toons data, tokenizer and
 text encoder, autoencoder, precomputed latents): a new run links them from a finished run of its
-seed instead of rebuilding them.
+seed instead of rebuilding them, and starts from a copy of that run's first stage when the
+first stage's config is the same for both mixers (configs/toy.py's 3 s stage has no mixer).
 
 WORKDIR gets ablation.json and ablation.md (one row per mixer: persistence, text following, frame
 quality as mean ± half the range of the per-seed means [95% bootstrap interval over all videos],
@@ -30,6 +31,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from typing import Any
@@ -37,7 +39,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from ttt_jax import cli, elo, evaluate
+from ttt_jax import cli, elo, evaluate, toy_job
 
 REFERENCE = "none"  # local attention only: what step times are relative to
 _SHARED = ("data", "text", "vae", "latents")  # toy job pieces that do not depend on the mixer
@@ -73,17 +75,28 @@ def run_dir(workdir: str, mixer: str, seed: int) -> str:
   return os.path.join(workdir, "runs", f"{mixer}_seed{seed}")
 
 
-def _share_inputs(workdir: str, run: str, seed: int) -> None:
-  """Links the mixer-independent pieces of a finished run of `seed` into a new `run`."""
+def _share_inputs(spec: str, workdir: str, run: str, mixer: str, seed: int) -> None:
+  """Links the mixer-independent pieces of a finished run of `seed` into a new `run`, and copies
+  its first stage where that stage's config is the same for both mixers: configs/toy.py's 3 s
+  stage trains the backbone without a mixer whatever the mixer, so it is the same training, and
+  the new run skips it (the copy, not a link: a finished stage re-exports its model)."""
   if os.path.exists(run):
     return
   runs = os.path.join(workdir, "runs")
-  done = [os.path.join(runs, d) for d in sorted(os.listdir(runs)) if d.endswith(f"_seed{seed}")
+  suffix = f"_seed{seed}"
+  done = [d for d in sorted(os.listdir(runs)) if d.endswith(suffix)
           and os.path.isfile(os.path.join(runs, d, "summary.json"))] if os.path.isdir(runs) else []
   os.makedirs(run)
-  if done:
-    for piece in _SHARED:
-      os.symlink(os.path.realpath(os.path.join(done[0], piece)), os.path.join(run, piece))
+  if not done:
+    return
+  source = os.path.join(runs, done[0])
+  for piece in _SHARED:
+    os.symlink(os.path.realpath(os.path.join(source, piece)), os.path.join(run, piece))
+  first = lambda m: toy_job.stage_configs(load_config(spec, m))[0][1]
+  stage = first(mixer)
+  if stage.to_json() == first(done[0][:-len(suffix)]).to_json():
+    shutil.copytree(os.path.join(source, "stages", stage.stage),
+                    os.path.join(run, "stages", stage.stage), symlinks=True)
 
 
 def train_run(spec: str, mixer: str, seed: int, workdir: str) -> str:
@@ -92,7 +105,7 @@ def train_run(spec: str, mixer: str, seed: int, workdir: str) -> str:
   if os.path.isfile(os.path.join(run, "summary.json")):
     print(f"[ablate] {mixer} seed {seed}: finished, skipped", flush=True)
     return run
-  _share_inputs(workdir, run, seed)
+  _share_inputs(spec, workdir, run, mixer, seed)
   path, arg = _split_spec(spec)
   command = [sys.executable, "-m", "ttt_jax.train", f"--config={path}:{_with_mixer(arg, mixer)}",
              f"--config.seed={seed}", f"--workdir={run}"]
