@@ -6,7 +6,7 @@ import pytest
 
 from ttt_jax.data.storyboard import (Segment, StoryboardError, load_storyboard, parse_storyboard,
                                      segment_prompts)
-from ttt_jax.data.video_io import contact_sheet, read_mp4, to_uint8, write_mp4
+from ttt_jax.data.video_io import contact_sheet, from_uint8, read_mp4, to_uint8, write_mp4
 
 
 def test_parse_defaults_and_scene_tokens(tmp_path):
@@ -70,3 +70,10 @@ def test_contact_sheet_and_bad_video():
     to_uint8(np.array([np.nan]))
   with pytest.raises(ValueError, match="uint8"):
     write_mp4("x.mp4", np.zeros((2, 4, 4, 3), np.float32))
+
+
+def test_from_uint8_inverts_to_uint8():
+  pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
+  x = from_uint8(pixels)
+  assert x.dtype == np.float32 and x.min() == -1.0 and x.max() == 1.0
+  np.testing.assert_array_equal(to_uint8(x), pixels)

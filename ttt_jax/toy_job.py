@@ -152,6 +152,7 @@ def build_text_encoder(config, workdir: str, datasets) -> tuple[str, str]:
 
 def build_autoencoder(config, workdir: str, datasets) -> str:
   """Fits the linear patch autoencoder (PCA) to training frames of the 3 s stage."""
+  from ttt_jax.data.video_io import from_uint8  # pylint: disable=g-import-not-at-top
   from ttt_jax.models import pixel_vae  # pylint: disable=g-import-not-at-top
   vae_dir = os.path.join(workdir, "vae")
   if os.path.exists(os.path.join(vae_dir, "config.json")):
@@ -160,7 +161,7 @@ def build_autoencoder(config, workdir: str, datasets) -> str:
     raise ValueError(f"config.vae.kind={config.vae.kind!r}: the toy job has only 'pixel'")
   source = datasets[3].as_data_source()["train"]
   frames = np.concatenate([source[i]["video"][::6] for i in range(len(source))])
-  frames = frames.astype(np.float32) / 127.5 - 1.0
+  frames = from_uint8(frames)
   mean, basis, std = pixel_vae.fit_linear(frames, config.vae.patch, config.vae.latent_channels)
   fitted = pixel_vae.PixelVAEConfig(patch=config.vae.patch, mean=tuple(mean.tolist()),
                                     basis=tuple(map(tuple, basis.tolist())))
@@ -298,10 +299,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def autoencode(vae_dir: str, video: np.ndarray) -> np.ndarray:
   """uint8 video [1 + 4k, H, W, 3] -> the same through the fitted autoencoder (encode's mean,
   decode), uint8 [1 + 4k, H, W, 3]."""
-  from ttt_jax.data.video_io import to_uint8  # pylint: disable=g-import-not-at-top
+  from ttt_jax.data.video_io import from_uint8, to_uint8  # pylint: disable=g-import-not-at-top
   from ttt_jax.models.vae_convert import load_converted_vae  # pylint: disable=g-import-not-at-top
   _, vae = load_converted_vae(vae_dir)
-  latents, _ = vae.encode(jnp.asarray(video, jnp.float32)[None] / 127.5 - 1.0)
+  latents, _ = vae.encode(jnp.asarray(from_uint8(video))[None])
   return to_uint8(np.asarray(vae.decode(latents))[0])
 
 

@@ -52,6 +52,7 @@ from ttt_jax.data import features
 from ttt_jax.data.loader import INFO_FILE, NULL_TEXT_FILE, decode_text
 from ttt_jax.data.encoders import Encoders
 from ttt_jax.data.tokenizer import segment_text
+from ttt_jax.data.video_io import from_uint8
 from ttt_jax.models.vae import Tiling
 
 TEXT_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -138,7 +139,7 @@ class _Encoders(Encoders):
 
   def video(self, video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [frames, H, W, 3] -> float32 (mean, logvar), each [latent_frames, h, w, C]."""
-    x = video.astype(np.float32) / 127.5 - 1.0
+    x = from_uint8(video)
     mean, logvar = self.vae.encode(jnp.asarray(x[None]), frame_batch_size=self.frame_batch_size,
                                    tiling=self.tiling)
     return np.asarray(mean[0], np.float32), np.asarray(logvar[0], np.float32)

@@ -15,6 +15,12 @@ def to_uint8(video: np.ndarray) -> np.ndarray:
   return np.round((np.clip(video, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
+def from_uint8(video: np.ndarray) -> np.ndarray:
+  """uint8 [..., 3] in [0, 255] -> float32 in [-1, 1], the range the autoencoders take; the
+  inverse of `to_uint8`."""
+  return np.asarray(video).astype(np.float32) / 127.5 - 1.0
+
+
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 16) -> None:
   """frames: [frames, height, width, 3] uint8. Written to a temporary name, then renamed."""
   import imageio_ffmpeg
