@@ -16,6 +16,11 @@ def _load(seconds, arg=None):
   return importlib.import_module(f"configs.tomjerry_{seconds}s").get_config(arg)
 
 
+def test_chips_and_hbm_of_a_slice_name():
+  assert [slices.chips(n) for n in ("v5p-256", "v6e-256", "v5p-8")] == [128, 256, 4]
+  assert slices.hbm_bytes("v5p-128") == 95 * 2**30 and slices.hbm_bytes("v6e-8") == 32 * 2**30
+
+
 @pytest.mark.parametrize("seconds", STAGES)
 def test_every_stage_has_a_v5p_and_a_v6e_layout_that_divides(seconds):
   config = _load(seconds)

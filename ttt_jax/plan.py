@@ -195,7 +195,7 @@ def main(argv):
                      {axis: f.value for axis, f in _MESH.items()}, _REMAT.value, _EVERY_K.value,
                      _ATTENTION.value)
   result = compile_train_step(config, topology_devices(_TOPOLOGY.value))
-  hbm = slices.HBM_BYTES[_TOPOLOGY.value.split("-")[0]]
+  hbm = slices.hbm_bytes(_TOPOLOGY.value)
   per_device = result["per_device_bytes"]
   result.update(topology=_TOPOLOGY.value, layout=layout, hbm_bytes=hbm,
                 fits=per_device is not None and per_device <= hbm,

@@ -42,6 +42,11 @@ def chips(name: str) -> int:
   return int(units) // _UNITS_PER_CHIP[generation]
 
 
+def hbm_bytes(name: str) -> int:
+  """HBM bytes of one chip of slice `name`: 'v5p-256' -> 95 GiB."""
+  return HBM_BYTES[name.split("-")[0]]
+
+
 def slice_name(devices: Sequence[jax.Device]) -> str | None:
   """The slice `devices` make ('v5p-256' for 128 v5p chips); None off v5p/v6e TPUs."""
   generation = _KINDS.get(devices[0].device_kind)
