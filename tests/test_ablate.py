@@ -110,6 +110,9 @@ def test_resumes_an_interrupted_ablation(ablation):
   assert done.returncode == 0, done.stderr[-3000:]
   assert "[ablate] none seed 0: finished, skipped" in done.stdout
   assert "[ablate] swa seed 0:" in done.stdout and "encoded" not in done.stdout
+  # The evaluation it reran logged Orbax's chatter to the run's log.txt, not to the terminal.
+  assert "_NonBlockingMetadataStore" not in done.stdout + done.stderr
+  assert "_NonBlockingMetadataStore" in (swa / "log.txt").read_text()
   assert (swa / "stages" / "toy_63s" / "metrics.jsonl").read_text() == metrics  # not retrained
   after = json.loads((workdir / "ablation.json").read_text())
   assert after["table"] == before["table"]  # same seed, same samples, same scores

@@ -55,7 +55,7 @@ _TERMINAL = sys.stdout  # where _log and the progress bars write while stdout go
 
 
 @contextlib.contextmanager
-def _logs_to_file(path: str) -> Iterator[None]:
+def logs_to_file(path: str) -> Iterator[None]:
   """INFO logs (Orbax, tfds, clu, ours) and library prints go to `path`; the terminal keeps the
   job's own lines, progress bars, and warnings and errors."""
   global _TERMINAL
@@ -201,7 +201,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   a line per step of the job and a progress bar per stage; the logs go to DIR/log.txt."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  with _logs_to_file(os.path.join(workdir, "log.txt")):
+  with logs_to_file(os.path.join(workdir, "log.txt")):
     return _run(config, workdir)
 
 
