@@ -134,7 +134,8 @@ def build_text_encoder(config, workdir: str, datasets) -> tuple[str, str]:
   # Trained on a fixed corpus, not the datasets' texts: word ids ordered by frequency in those
   # changed with every stage's story count, and with them every stage's result.
   sentencepiece.SentencePieceTrainer.train(
-      sentence_iterator=iter(toy_toons.vocabulary_texts()), model_prefix=os.path.join(text_dir, "spiece"),
+      sentence_iterator=iter(toy_toons.vocabulary_texts()),
+      model_prefix=os.path.join(text_dir, "spiece"),
       vocab_size=1000, hard_vocab_limit=False, model_type="word", pad_id=0, eos_id=1,
       unk_id=2, bos_id=-1, minloglevel=2)
   tokenizer = StoryboardTokenizer(spm, max_length=config.text.max_length)
