@@ -1,6 +1,6 @@
 """Why the toy does or does not learn: stage-1 runs, an overfit check, and the x0 error.
 
-  python bench/toy_diagnose.py stage1 --workdir=/tmp/d/base [--set train.steps=800 ...]
+  python bench/toy_diagnose.py stage1 --workdir=/tmp/d/base [--set train.steps=800 ...] [--images]
   python bench/toy_diagnose.py overfit --workdir=/tmp/d/overfit [--set train.steps=600]
   python bench/toy_diagnose.py x0 --workdir=/tmp/d/base
   python bench/toy_diagnose.py guidance --workdir=runs/toy [--scales 1 3]
@@ -8,8 +8,9 @@
   python bench/toy_diagnose.py stage2 --workdir=/tmp/d/s2 --from_run=runs/toy [--fresh_mixer]
 
 stage1: configs/toy.py's 3 s stage alone (data, tokenizer, text encoder, autoencoder, precompute,
-training), with `--set key=value` overrides of the stage config and `--top key=value` of the
-job's (e.g. `--top vae.normalize='global'`); then samples `--eval` held-out 3 s storyboards and
+training; `--images`: configs/toy.py:images's image and 3 s stages), with `--set key=value`
+overrides of the 3 s stage config, `--image_set` of the image stage's and `--top key=value` of
+the job's (e.g. `--top vae.normalize='global'`); then samples `--eval` held-out 3 s storyboards and
 scores each: persistence's room/colour/shape (segment 1: its text states the facts), text
 following, toy_metrics.frame_statistics (flatness, stability) and PSNR against the rendering.
 overfit: the same with ONE training story and batch 1, sampled from that story's own storyboard:
@@ -86,7 +87,7 @@ def _train_with_curve(stage, workdir: str, points: int) -> tuple[dict, list[floa
 
 
 def stage1(args, overfit: bool) -> dict:
-  config = toy.get_config()
+  config = toy.get_config("images" if args.images else None)
   for item in args.top:
     _set(config, item)
   stage = config.stages.s3
@@ -111,6 +112,15 @@ def stage1(args, overfit: bool) -> dict:
     precompute(stage, dataset.data_path, latents, "train")
   stage.data.latents = latents
   prepared = time.perf_counter()
+  image_curve = None
+  if args.images and not overfit:  # configs/toy.py:images's image stage first
+    images = toy_job._with_models(config.stages.images, spm, t5_dir, vae_dir)  # pylint: disable=protected-access
+    for item in args.image_set:
+      _set(images, item)
+    images.data.latents = latents
+    image_out, _, image_curve = _train_with_curve(images, os.path.join(workdir, "images"), 8)
+    stage.init_from = image_out["workdir"]
+  imaged = time.perf_counter()
   out, losses, curve = _train_with_curve(stage, workdir, 8)
   trained = time.perf_counter()
   stories = (toy_job._stories(dataset, "train") if overfit  # pylint: disable=protected-access
@@ -131,7 +141,8 @@ def stage1(args, overfit: bool) -> dict:
   mean = {k: round(float(np.mean([s[k] for s in scores])), 4) for k in scores[0]}
   return dict(mode="overfit" if overfit else "stage1", workdir=workdir, set=args.set,
               top=args.top, steps=len(losses), loss_curve=curve, mean=mean, per_story=scores,
-              prepare_s=round(prepared - start, 1), train_s=round(trained - prepared, 1),
+              image_curve=image_curve, image_s=round(imaged - prepared, 1),
+              prepare_s=round(prepared - start, 1), train_s=round(trained - imaged, 1),
               sample_s=round(time.perf_counter() - trained, 1))
 
 
@@ -360,6 +371,10 @@ def main() -> None:
   parser.add_argument("--set", nargs="*", default=[], help="stage config key=value (Python)")
   parser.add_argument("--top", nargs="*", default=[], help="job config key=value (Python)")
   parser.add_argument("--eval", type=int, default=4, help="held-out storyboards to sample")
+  parser.add_argument("--images", action="store_true",
+                      help="stage1: configs/toy.py:images (an image stage first)")
+  parser.add_argument("--image_set", nargs="*", default=[],
+                      help="stage1: image stage config key=value (Python)")
   parser.add_argument("--from_run", help="stage2: a toy job's workdir (its toy_3s stage)")
   parser.add_argument("--init_from", help="stage2: a trained stage directory to start from")
   parser.add_argument("--fresh_mixer", action="store_true",

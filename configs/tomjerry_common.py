@@ -122,6 +122,9 @@ def stage_config(seconds: int, arg=None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       latents="",                      # python -m ttt_jax.data.precompute output for this stage
+      # Train on this many consecutive latent frames of each example, from a random start
+      # (ttt_jax/data/loader.py); 0: all. 1 trains on keyframes as images (the toy's image phase).
+      crop_frames=0,
   ))
   # Devices: data x fsdp x context x tensor (ttt_jax/parallel/mesh.py); -1 takes the rest.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))

@@ -2,6 +2,7 @@
 
   python -m ttt_jax.train --config=configs/toy.py --workdir=runs/toy        # ~15 min, 2 cores
   python -m ttt_jax.train --config=configs/toy.py:long --workdir=runs/long  # the same, longer
+  python -m ttt_jax.train --config=configs/toy.py:images --workdir=runs/img # an image stage first
 
 Builds toy_toons for the five stages (3, 9, 18, 30, 63 s), a tokenizer trained on their texts, a
 text encoder and a fitted autoencoder (see ttt_jax/toy_job.py for which are trained and why), then
@@ -30,7 +31,8 @@ learns to remember", has the measurements):
     every timestep, which repairs what that did to the less noisy ones, and half at t >= 950,
     which keeps the memory path learning as the videos grow;
   * the 30 s and 63 s stages at lr 3e-4: their few samples at 1e-3 undid the 18 s stage's memory.
-`:runlocal` shrinks it further for the tests; `:mixer=NAME` swaps the sequence mixer.
+`:runlocal` shrinks it further for the tests; `:mixer=NAME` swaps the sequence mixer; `:images`
+trains the 3 s stage's backbone on single keyframes first (IMAGES below).
 """
 import ml_collections
 
@@ -46,6 +48,13 @@ TOY_STAGES = {3: (3200, 4), 9: (300, 4), 18: (100, 2), 30: (30, 2), 63: (15, 1)}
 # `:long`: about four times the default's training. Measured worse than the default (README,
 # "The toy main job": flat rooms, almost no characters; persistence 0.006 against 0.157).
 LONG_STAGES = {3: (12800, 4), 9: (1200, 4), 18: (400, 2), 30: (80, 2), 63: (40, 1)}
+# `:images`: (steps, batch) of an image stage before the 3 s stage, on the 3 s clips' keyframes,
+# one at a time, as one-frame videos (CogVideoX trains on images beside videos); the 3 s stage
+# then takes half its steps, so that the two cost what the default's 3 s stage does. A keyframe
+# costs a sixth of a 3 s clip per example: stage 1 sees four times the drawings, and draws the
+# characters' colours twice as often, but the 63 s sample keeps no more of them (README,
+# "Drawing the characters").
+IMAGES, LONG_IMAGES = (2400, 16), (9600, 16)
 # The 30 s and 63 s stages train few samples of few stories: at lr 1e-3 they undid the memory the
 # 18 s stage had learned (README, "The late stages"); at 3e-4 the minute keeps it.
 LATE_FROM, LATE_LR = 30, 3e-4
@@ -53,7 +62,8 @@ LATE_FROM, LATE_LR = 30, 3e-4
 MEMORY = dict(trainable=("mixer", "gates"), high_t_fraction=1.0, high_t_from=950, mixer_lr=1e-2)
 
 
-def _toy_stage(seconds: int, runlocal: bool, long: bool) -> ml_collections.ConfigDict:
+def _toy_stage(seconds: int, runlocal: bool, long: bool,
+               images: bool = False) -> ml_collections.ConfigDict:
   c = stage_config(seconds, "runlocal")
   c.stage = f"toy_{seconds}s"
   c.runlocal = runlocal
@@ -71,6 +81,8 @@ def _toy_stage(seconds: int, runlocal: bool, long: bool) -> ml_collections.Confi
   c.vae.update(dict(tiling=False, frame_batch_size=4))
   c.sampling.update(dict(sampler="ddim", dynamic_cfg=False, num_steps=25, guidance_scale=3.0))
   steps, batch = (LONG_STAGES if long else TOY_STAGES)[seconds]
+  if images and seconds == 3:  # the image stage takes the other half
+    steps //= 2
   first = STAGES[seconds][1] is None
   c.train.update(dict(
       steps=steps, batch_size=batch, lr=2e-3 if first else 1e-3,
@@ -95,10 +107,22 @@ def _toy_stage(seconds: int, runlocal: bool, long: bool) -> ml_collections.Confi
   return c
 
 
+def _toy_images(runlocal: bool, long: bool) -> ml_collections.ConfigDict:
+  """The image stage: the 3 s stage's backbone on single keyframes of its clips."""
+  c = _toy_stage(3, runlocal, long)
+  c.stage = "toy_images"
+  c.data.crop_frames = 1
+  if not runlocal:
+    steps, batch = LONG_IMAGES if long else IMAGES
+    c.train.update(dict(steps=steps, batch_size=batch, checkpoint_every=steps // 2))
+  return c
+
+
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  """`arg` (configs/arguments.py): `runlocal`, `long`, `mixer=<name>` (configs/mixers.py)."""
-  args = parse_arguments(arg, runlocal=False, long=False, mixer="ttt_mlp")
-  runlocal, long = args["runlocal"], args["long"]
+  """`arg` (configs/arguments.py): `runlocal`, `long`, `images` (an image stage first),
+  `mixer=<name>` (configs/mixers.py)."""
+  args = parse_arguments(arg, runlocal=False, long=False, images=False, mixer="ttt_mlp")
+  runlocal, long, images = args["runlocal"], args["long"], args["images"]
   c = ml_collections.ConfigDict()
   c.pipeline = "toy"
   c.seed = 0
@@ -121,7 +145,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # A frozen random T5 v1.1 encoder of this size (ttt_jax/toy_job.py says why not trained).
   c.text = ml_collections.ConfigDict(dict(d_model=64, d_kv=16, d_ff=128, num_layers=2,
                                           num_heads=4, max_length=32))
-  c.stages = ml_collections.ConfigDict({f"s{s}": _toy_stage(s, runlocal, long) for s in STAGES})
+  c.stages = ml_collections.ConfigDict(
+      {f"s{s}": _toy_stage(s, runlocal, long, images) for s in STAGES})
+  if images:
+    c.stages.images = _toy_images(runlocal, long)
   for seconds in STAGES:
     stage = c.stages[f"s{seconds}"]
     if seconds == 3:  # the backbone has no mixer, whatever the later stages use

@@ -130,6 +130,9 @@ def test_evaluate_scores_story_files_as_the_held_out_split(ablation, tmp_path):
   for metric in ("persistence", "text_following", "frame_quality"):
     assert ours[0][metric] == held_out[metric]
   assert (tmp_path / "eval" / "eval.png").stat().st_size > 0
+  # The libraries' INFO lines went to the run's log.txt, not the terminal.
+  assert "Closing" not in done.stdout + done.stderr
+  assert "Closing" in (run / "log.txt").read_text()
 
 
 @pytest.mark.parametrize("module,args,expected", [

@@ -216,6 +216,29 @@ def test_toy_stages_keep_the_tomjerry_structure(arg):
     DiTConfig.from_dict(stage.model.to_dict())
 
 
+@pytest.mark.parametrize("arg", ["images", "runlocal,images", "long,images"])
+def test_toy_image_stage_is_the_3s_stage_on_single_keyframes(arg):
+  toy = importlib.import_module("configs.toy")
+  default = toy.get_config(arg.replace("images", "images=False"))
+  toy = toy.get_config(arg)
+  assert "images" not in default.stages
+  if "runlocal" not in arg:  # the image stage takes half the 3 s stage's steps
+    assert toy.stages.s3.train.steps == default.stages.s3.train.steps // 2
+  for key in ("steps", "checkpoint_every"):
+    toy.stages.s3.train[key] = default.stages.s3.train[key]
+  assert toy.stages.s3.to_dict() == default.stages.s3.to_dict()
+  images, clips = toy.stages.images.to_dict(), toy.stages.s3.to_dict()
+  assert (images["data"].pop("crop_frames"), clips["data"].pop("crop_frames")) == (1, 0)
+  assert (images.pop("stage"), clips.pop("stage")) == ("toy_images", "toy_3s")
+  for stage in (images, clips):
+    for key in ("steps", "batch_size", "checkpoint_every"):
+      stage["train"].pop(key)
+  assert images == clips
+  order = [stage.stage for _, stage in importlib.import_module("ttt_jax.toy_job").stage_configs(
+      toy)]
+  assert order == ["toy_images"] + [f"toy_{s}s" for s in STAGES]
+
+
 def test_toy_long_is_the_default_job_trained_longer():
   toy = importlib.import_module("configs.toy")
   default, long = toy.get_config(), toy.get_config("long")

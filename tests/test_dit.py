@@ -227,6 +227,27 @@ def test_unrolled_layers_equal_the_layer_scan(remat, k):
   assert float(loss) > 0
 
 
+def test_learned_positions_of_a_shorter_clip_are_the_tables_first_frames():
+  """An image (one latent frame) or a shorter clip through a model whose learned table is sized
+  for 3 frames gets the table's first rows: the same output as a model built for that length
+  holding those rows. A cut that is not whole frames of one segment is refused."""
+  long_cfg = dataclasses.replace(SMALL, use_learned_positional_embeddings=True,
+                                 max_text_seq_length=3)
+  long = DiT(long_cfg, rngs=nnx.Rngs(0))
+  params = nnx.state(long, nnx.Param).to_pure_dict()
+  for frames in (1, 2):
+    short = DiT(dataclasses.replace(long_cfg, sample_frames=4 * frames - 3),
+                rngs=nnx.Rngs(1))
+    rows = 3 + frames * 4  # text rows, then 2x2 tokens a frame
+    nnx.update(short, {**params, "pos_embedding": params["pos_embedding"][:rows]})
+    latents, text, t = _inputs(long_cfg, segments=1, frames_per_segment=frames)
+    np.testing.assert_allclose(long(latents, text, t), short(latents, text, t), rtol=1e-5,
+                               atol=1e-6)
+  latents, text, t = _inputs(long_cfg, segments=2, frames_per_segment=2)
+  with pytest.raises(ValueError, match="fix the segment size to 15 tokens, got 11"):
+    long(latents, text, t)
+
+
 @pytest.fixture(scope="module")
 def plain_backbone():
   """A mixer-free model's parameters and its output (one compile for all mixers)."""

@@ -13,12 +13,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_toy_pipeline_runlocal_end_to_end_and_resume(tmp_path):
-  cmd = [sys.executable, "-m", "ttt_jax.train", "--config=configs/toy.py:runlocal",
+  # With the image stage (`:images`): the default job's stages and one more before them.
+  cmd = [sys.executable, "-m", "ttt_jax.train", "--config=configs/toy.py:runlocal,images",
          f"--workdir={tmp_path}"]
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
   first = subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
   summary = json.loads((tmp_path / "summary.json").read_text())
-  assert list(summary["stages"]) == ["toy_3s", "toy_9s", "toy_18s", "toy_30s", "toy_63s"]
+  assert list(summary["stages"]) == ["toy_images", "toy_3s", "toy_9s", "toy_18s", "toy_30s",
+                                     "toy_63s"]
   for name, stage in summary["stages"].items():
     assert stage["steps"] == 2
     # The 3 s backbone has no mixer: the 9 s stage starts the mixers and gates (configs/toy.py).
@@ -26,6 +28,12 @@ def test_toy_pipeline_runlocal_end_to_end_and_resume(tmp_path):
   for stage in ("toy_9s", "toy_18s", "toy_30s", "toy_63s"):  # each one handed off
     config = json.loads((tmp_path / "stages" / stage / "config.json").read_text())
     assert config["init_from"] == str(tmp_path / "stages" / f"toy_{config['previous_stage']}")
+  # The image stage (keyframes of the 3 s clips, configs/toy.py) hands off to the 3 s stage.
+  config = json.loads((tmp_path / "stages" / "toy_3s" / "config.json").read_text())
+  assert config["init_from"] == str(tmp_path / "stages" / "toy_images")
+  images = json.loads((tmp_path / "stages" / "toy_images" / "config.json").read_text())
+  assert images["data"]["crop_frames"] == 1 and images["data"]["latents"] == config["data"][
+      "latents"]
   frames, fps = read_mp4(tmp_path / summary["sample"]["video"])
   assert frames.shape == (1009, 32, 48, 3) and fps == 16  # one minute (63 s) at 16 fps
   assert summary["sample"]["reference"]["persistence"]["overall"] == 1.0

@@ -290,6 +290,26 @@ def test_truncated_texts_are_counted_in_the_report(assets, dataset, tmp_path, mo
   assert info["truncated_texts"] == len(want) and info["truncated_examples"] == want
 
 
+def test_crop_frames_cuts_each_example_to_consecutive_latent_frames(fake_dataset):
+  whole = LatentLoader(fake_dataset, batch_size=2, seed=0, shuffle=False)
+  starts = set()
+  for frames in (1, 3):
+    loader = LatentLoader(fake_dataset, batch_size=2, seed=0, shuffle=False, frames=frames)
+    for step in range(12):
+      full, cut = whole.batch(step)["latents"], loader.batch(step)["latents"]
+      assert cut.shape == (2, frames) + full.shape[2:]
+      for row in range(2):  # the same posterior sample, cut at one start
+        start = [k for k in range(25 - frames + 1)
+                 if np.array_equal(full[row, k:k + frames], cut[row])]
+        assert start, (frames, step, row)
+        starts.add(start[0])
+      np.testing.assert_array_equal(cut, loader.batch(step)["latents"])  # pure in (seed, step)
+  assert len(starts) > 10  # the start is drawn, not always frame 0
+  for frames in (0, 26):
+    with pytest.raises(ValueError, match=f"frames={frames}.*25 latent frames"):
+      LatentLoader(fake_dataset, batch_size=2, seed=0, frames=frames)
+
+
 def test_loader_is_a_pure_function_of_seed_and_step(dataset):
   out, _ = dataset
   a = LatentLoader(out, batch_size=2, seed=3)

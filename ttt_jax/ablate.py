@@ -17,8 +17,8 @@ stopped (the job skips what it finished and resumes training from its checkpoint
 with eval.json is kept; step times are kept while they cover the mixers at the same length. The
 runs of one seed share the pieces that do not depend on the mixer (toy_toons data, tokenizer and
 text encoder, autoencoder, precomputed latents): a new run links them from a finished run of its
-seed instead of rebuilding them, and starts from a copy of that run's first stage when the
-first stage's config is the same for both mixers (configs/toy.py's 3 s stage has no mixer).
+seed instead of rebuilding them, and starts from copies of that run's first stages while their
+configs are the same for both mixers (configs/toy.py's image and 3 s stages have no mixer).
 
 WORKDIR gets ablation.json and ablation.md (one row per mixer: persistence, text following, frame
 quality as mean ± half the range of the per-seed means [95% bootstrap interval over all videos],
@@ -77,9 +77,10 @@ def run_dir(workdir: str, mixer: str, seed: int) -> str:
 
 def _share_inputs(spec: str, workdir: str, run: str, mixer: str, seed: int) -> None:
   """Links the mixer-independent pieces of a finished run of `seed` into a new `run`, and copies
-  its first stage where that stage's config is the same for both mixers: configs/toy.py's 3 s
-  stage trains the backbone without a mixer whatever the mixer, so it is the same training, and
-  the new run skips it (the copy, not a link: a finished stage re-exports its model)."""
+  its first stages as long as their configs are the same for both mixers: configs/toy.py's image
+  and 3 s stages train the backbone without a mixer whatever the mixer, so they are the same
+  training, and the new run skips them (copies, not links: a finished stage re-exports its
+  model)."""
   if os.path.exists(run):
     return
   runs = os.path.join(workdir, "runs")
@@ -92,9 +93,10 @@ def _share_inputs(spec: str, workdir: str, run: str, mixer: str, seed: int) -> N
   source = os.path.join(runs, done[0])
   for piece in _SHARED:
     os.symlink(os.path.realpath(os.path.join(source, piece)), os.path.join(run, piece))
-  first = lambda m: toy_job.stage_configs(load_config(spec, m))[0][1]
-  stage = first(mixer)
-  if stage.to_json() == first(done[0][:-len(suffix)]).to_json():
+  stages = lambda m: [stage for _, stage in toy_job.stage_configs(load_config(spec, m))]
+  for stage, theirs in zip(stages(mixer), stages(done[0][:-len(suffix)])):
+    if stage.to_json() != theirs.to_json():
+      break
     shutil.copytree(os.path.join(source, "stages", stage.stage),
                     os.path.join(run, "stages", stage.stage), symlinks=True)
 

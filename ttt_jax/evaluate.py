@@ -35,6 +35,7 @@ stories/*.json.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -253,8 +254,14 @@ def run(workdir: str, storyboards: list[str] | None = None, out: str | None = No
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from ttt_jax import toy_job  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  result = run(f.workdir, f.storyboards, f.out, num_storyboards=f.num_storyboards, seed=f.seed)
+  log = os.path.join(os.path.abspath(f.workdir), "log.txt")
+  # Orbax's and tfds' INFO lines go to the run's log.txt, as its toy job's did; a missing
+  # workdir is `run`'s one-line error.
+  with (toy_job.logs_to_file(log) if os.path.isdir(f.workdir) else contextlib.nullcontext()):
+    result = run(f.workdir, f.storyboards, f.out, num_storyboards=f.num_storyboards, seed=f.seed)
   print(json.dumps({m: {k: round(v, 4) for k, v in result["metrics"][m].items()
                         if k != "per_segment"} for m in METRICS}))
 

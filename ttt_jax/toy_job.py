@@ -41,9 +41,11 @@ from ttt_jax import checkpoint, training
 
 
 def stage_configs(config: ml_collections.ConfigDict) -> list[tuple[int, Any]]:
-  """(seconds, stage config) for config.stages' 's3', 's9', ... in order of length."""
-  return sorted(((int(name[1:]), stage) for name, stage in config.stages.items()),
-                key=lambda pair: pair[0])
+  """(seconds of its clips, stage config) for each of config.stages in training order: by clip
+  length, and a stage on cut clips (data.crop_frames; the image stage's 1: single keyframes)
+  before the one on the whole clips."""
+  stages = [(3 * stage.segments, stage) for stage in config.stages.values()]
+  return sorted(stages, key=lambda pair: (pair[0], not pair[1].data.crop_frames))
 
 
 def _log(message: str) -> None:
@@ -99,7 +101,7 @@ def logs_to_file(path: str) -> Iterator[None]:
 def build_datasets(config, workdir: str) -> dict[int, Any]:
   from ttt_jax.data.builders import toy_toons as builder  # pylint: disable=g-import-not-at-top
   out = {}
-  for seconds, _ in stage_configs(config):
+  for seconds in sorted({seconds for seconds, _ in stage_configs(config)}):
     out[seconds] = builder.build(
         os.path.join(workdir, "data"), segments=seconds // 3,
         num_train=config.toy.num_train[f"s{seconds}"], num_test=config.toy.num_test, height=config.height,
@@ -223,7 +225,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   for seconds, stage in stage_configs(config):
     stage = _with_models(stage, spm, t5_dir, vae_dir)
     start = time.perf_counter()
-    latents = os.path.join(workdir, "latents", stage.stage)
+    latents = os.path.join(workdir, "latents", f"toy_{seconds}s")  # the image stage's too
     encoded = ""
     if not os.path.exists(os.path.join(latents, "precompute.json")):
       precompute(stage, datasets[seconds].data_path, latents, "train")

@@ -18,6 +18,9 @@ slice per process index is right for every layout; the rows of a step stay the s
 A latent sample is drawn per (seed, step, example): `(mean + exp(logvar / 2) * eps) * scaling`,
 eps from `np.random.default_rng([seed, step, index, 1])`; the final 1 keeps these streams apart
 from the permutations' (SeedSequence pads entropy with zeros, so [s, e] == [s, e, 0, 0]).
+With `frames=k` each example is cut to k consecutive latent frames from a start drawn from
+`np.random.default_rng([seed, step, index, 2])`: frames=1 turns a video dataset into one of its
+keyframes (images; the toy's image phase), every keyframe equally likely.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import tensorflow_datasets as tfds
 
 INFO_FILE = "precompute.json"
 NULL_TEXT_FILE = "null_text_embeds.npy"
-_NOISE_STREAM = 1
+_NOISE_STREAM, _CROP_STREAM = 1, 2
 
 
 def process_rows(sharding: Any, global_shape: Sequence[int]) -> np.ndarray:
@@ -64,6 +67,8 @@ class LatentLoader:
     shuffle: permute each epoch; False reads examples in dataset order.
     drop_remainder: see the module docstring.
     prefetch: batches `iterate` computes ahead in a background thread (0: none).
+    frames: cut each example to this many consecutive latent frames at a random start (module
+      docstring); None keeps them all.
 
   Attributes:
     info: the dataset's precompute.json.
@@ -73,11 +78,13 @@ class LatentLoader:
 
   Raises:
     FileNotFoundError: no precomputed dataset at dataset_dir.
-    ValueError: empty dataset, or (with drop_remainder) a batch larger than the dataset.
+    ValueError: empty dataset, or (with drop_remainder) a batch larger than the dataset, or
+      `frames` not in [1, the dataset's latent frames].
   """
 
   def __init__(self, dataset_dir: str | os.PathLike, *, batch_size: int, seed: int,
-               shuffle: bool = True, drop_remainder: bool = True, prefetch: int = 2):
+               shuffle: bool = True, drop_remainder: bool = True, prefetch: int = 2,
+               frames: int | None = None):
     dataset_dir = os.fspath(dataset_dir)
     info_path = os.path.join(dataset_dir, INFO_FILE)
     if not os.path.isfile(info_path):
@@ -104,6 +111,12 @@ class LatentLoader:
     if drop_remainder and batch_size > self.num_examples:
       raise ValueError(f"{dataset_dir}: batch_size {batch_size} > {self.num_examples} examples "
                        "with drop_remainder=True (a batch would repeat examples)")
+    if frames is not None:
+      available = int(self.info["latent_shape"][0])
+      if not 1 <= frames <= available:
+        raise ValueError(f"{dataset_dir}: frames={frames}: its examples have {available} latent "
+                         f"frames (expected 1 to {available})")
+    self.frames = frames
     self.null_text = np.load(os.path.join(dataset_dir, NULL_TEXT_FILE)).astype(np.float32)
     self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
     self.drop_remainder, self.prefetch = drop_remainder, prefetch
@@ -150,7 +163,7 @@ class LatentLoader:
     return out
 
   def _latents(self, example: dict, step: int, index: int) -> np.ndarray:
-    """One posterior sample, scaled, DiT layout float32 [latent_frames, C, h, w]."""
+    """One posterior sample, scaled, DiT layout float32 [latent_frames (or frames), C, h, w]."""
     mean, logvar = example["latent_mean"], example["latent_logvar"]
     rng = np.random.default_rng([self.seed, step, index, _NOISE_STREAM])
     eps = rng.standard_normal(mean.shape, np.float32)
@@ -159,6 +172,10 @@ class LatentLoader:
     if not np.isfinite(z).all():
       raise FloatingPointError(f"{self.dataset_dir}: example {decode_text(example['id'])!r} "
                                f"(index {index}) has non-finite latents")
+    if self.frames is not None:
+      first = np.random.default_rng([self.seed, step, index, _CROP_STREAM]).integers(
+          z.shape[0] - self.frames + 1)
+      z = z[first:first + self.frames]
     return z.transpose(0, 3, 1, 2)
 
   def batch(self, step: int, rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:

@@ -432,10 +432,16 @@ class DiT(nnx.Module):
     """Additive positional embedding per segment [segment_len, width], or None (RoPE only)."""
     cfg = self.config
     if cfg.use_learned_positional_embeddings:
-      if self.pos_embedding[...].shape[0] != layout.segment_len:
+      table = self.pos_embedding[...]
+      fewer = table.shape[0] - layout.segment_len
+      # A one-segment clip of fewer frames (an image: one) takes the table's first frames' rows,
+      # [text; frames 0..n-1] being the order of both.
+      if layout.segments == 1 and fewer > 0 and fewer % (grid[0] * grid[1]) == 0:
+        return table[:layout.segment_len]
+      if fewer:
         raise ValueError("learned positional embeddings fix the segment size to "
-                         f"{self.pos_embedding[...].shape[0]} tokens, got {layout.segment_len}")
-      return self.pos_embedding[...]
+                         f"{table.shape[0]} tokens, got {layout.segment_len}")
+      return table
     if cfg.use_rotary_positional_embeddings:
       return None
     table = sincos_3d(cfg.width, layout.frames_per_segment, *grid,

@@ -91,7 +91,7 @@ def _check_batch_shapes(config: ml_collections.ConfigDict, batch: dict[str, Any]
   """Refuses a dataset whose batch ({"latents": [R, F, C, h, w], "text": [R, segments, L, D]})
   does not fit the config's frames, channels, segments, text width or patch size."""
   c = config
-  f = features.latent_frames(c.segments)
+  f = c.data.crop_frames or features.latent_frames(c.segments)
   lat, text = batch["latents"], batch["text"]
   if lat.shape[1] != f or lat.shape[2] != c.model.in_channels:
     raise ValueError(f"dataset latents {lat.shape[1:]} (frames, channels, h, w) do not match the "
@@ -175,7 +175,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, loader: Any,
       raise ValueError("config.data.latents is empty: point it at a `python -m "
                        "ttt_jax.data.precompute` output")
     loader = LatentLoader(config.data.latents, batch_size=config.train.batch_size,
-                          seed=config.seed)
+                          seed=config.seed, frames=config.data.crop_frames or None)
   setup = build_setup(config, mesh)
   writer = writers.metric_writers.create_default_writer(
       os.fspath(workdir), just_logging=jax.process_index() > 0)
