@@ -19,6 +19,11 @@ def _load(seconds, arg=None):
 def test_chips_and_hbm_of_a_slice_name():
   assert [slices.chips(n) for n in ("v5p-256", "v6e-256", "v5p-8")] == [128, 256, 4]
   assert slices.hbm_bytes("v5p-128") == 95 * 2**30 and slices.hbm_bytes("v6e-8") == 32 * 2**30
+  for bad in ("v7-8", "v5p", "v5p-x", "tpu"):
+    with pytest.raises(ValueError, match=f"slice '{bad}': expected GENERATION-UNITS"):
+      slices.chips(bad)
+    with pytest.raises(ValueError, match=f"slice '{bad}'"):
+      slices.hbm_bytes(bad)
 
 
 @pytest.mark.parametrize("seconds", STAGES)

@@ -36,15 +36,24 @@ _UNITS_PER_CHIP = {"v5p": 2, "v6e": 1}
 _KINDS = {"TPU v5": "v5p", "TPU v6 lite": "v6e"}
 
 
+def _generation_and_units(name: str) -> tuple[str, int]:
+  """'v5p-256' -> ('v5p', 256)."""
+  generation, _, units = name.partition("-")
+  if generation not in HBM_BYTES or not units.isdigit():
+    raise ValueError(f"slice {name!r}: expected GENERATION-UNITS with GENERATION one of "
+                     f"{sorted(HBM_BYTES)}, e.g. 'v5p-256'")
+  return generation, int(units)
+
+
 def chips(name: str) -> int:
   """Chips of slice `name`: 'v5p-256' -> 128, 'v6e-256' -> 256."""
-  generation, units = name.split("-")
-  return int(units) // _UNITS_PER_CHIP[generation]
+  generation, units = _generation_and_units(name)
+  return units // _UNITS_PER_CHIP[generation]
 
 
 def hbm_bytes(name: str) -> int:
   """HBM bytes of one chip of slice `name`: 'v5p-256' -> 95 GiB."""
-  return HBM_BYTES[name.split("-")[0]]
+  return HBM_BYTES[_generation_and_units(name)[0]]
 
 
 def slice_name(devices: Sequence[jax.Device]) -> str | None:
