@@ -129,9 +129,7 @@ def train_run(spec: str, mixer: str, seed: int, workdir: str) -> str:
 def evaluate_run(run: str, num_storyboards: int) -> dict[str, Any]:
   path = os.path.join(run, "eval", "eval.json")
   if not os.path.isfile(path):
-    # Orbax's and tfds' INFO lines go to the run's log.txt, as its toy job's did.
-    with toy_job.logs_to_file(os.path.join(run, "log.txt")):
-      evaluate.run(run, num_storyboards=num_storyboards)
+    evaluate.run(run, num_storyboards=num_storyboards)  # its logs go to the run's log.txt
   with open(path, encoding="utf-8") as f:
     return json.load(f)
 

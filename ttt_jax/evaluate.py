@@ -35,7 +35,6 @@ stories/*.json.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -211,14 +210,23 @@ def run(workdir: str, storyboards: list[str] | None = None, out: str | None = No
         num_storyboards: int = 0, seed: int | None = None,
         resamples: int = bootstrap.RESAMPLES) -> dict[str, Any]:
   """Samples and scores; writes OUT/{eval.json, eval.png, videos/, stories/} and returns
-  eval.json's contents (module docstring)."""
+  eval.json's contents (module docstring). The libraries' logs go to WORKDIR/log.txt."""
+  from ttt_jax import toy_job  # pylint: disable=g-import-not-at-top
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"--workdir {workdir}: no such folder")
+  # Orbax's and tfds' INFO lines go to the run's log.txt, as its toy job's did.
+  with toy_job.logs_to_file(os.path.join(workdir, "log.txt")):
+    return _run(workdir, storyboards, out, num_storyboards, seed, resamples)
+
+
+def _run(workdir: str, storyboards: list[str] | None, out: str | None, num_storyboards: int,
+         seed: int | None, resamples: int) -> dict[str, Any]:
+  """`run`'s body, its logs already going to the run's log.txt."""
   from ttt_jax import checkpoint, sample  # pylint: disable=g-import-not-at-top
   from ttt_jax.data.storyboard import parse_storyboard  # pylint: disable=g-import-not-at-top
   from ttt_jax.data.video_io import to_uint8, write_mp4  # pylint: disable=g-import-not-at-top
 
-  workdir = os.path.abspath(workdir)
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"--workdir {workdir}: no such folder")
   out = cli.check_output_dir(out or os.path.join(workdir, "eval"), "--out", overwrite=True)
   stage_dir = last_stage(workdir)
   config = checkpoint.load_run_config(stage_dir)
@@ -254,14 +262,8 @@ def run(workdir: str, storyboards: list[str] | None = None, out: str | None = No
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
-
-  from ttt_jax import toy_job  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  log = os.path.join(os.path.abspath(f.workdir), "log.txt")
-  # Orbax's and tfds' INFO lines go to the run's log.txt, as its toy job's did; a missing
-  # workdir is `run`'s one-line error.
-  with (toy_job.logs_to_file(log) if os.path.isdir(f.workdir) else contextlib.nullcontext()):
-    result = run(f.workdir, f.storyboards, f.out, num_storyboards=f.num_storyboards, seed=f.seed)
+  result = run(f.workdir, f.storyboards, f.out, num_storyboards=f.num_storyboards, seed=f.seed)
   print(json.dumps({m: {k: round(v, 4) for k, v in result["metrics"][m].items()
                         if k != "per_segment"} for m in METRICS}))
 
