@@ -133,6 +133,27 @@ def test_evaluate_scores_story_files_as_the_held_out_split(ablation, tmp_path):
   # The libraries' INFO lines went to the run's log.txt, not the terminal.
   assert "Closing" not in done.stdout + done.stderr
   assert "Closing" in (run / "log.txt").read_text()
+  # The same story under other sampling settings: recorded, and a different video.
+  done = command("ttt_jax.evaluate", f"--workdir={run}", f"--storyboards={story}",
+                 f"--out={tmp_path / 'other'}", "--guidance_scale=1", "--num_steps=1",
+                 "--sampler=dpmpp_2m")
+  assert done.returncode == 0, done.stderr[-3000:]
+  other = json.loads((tmp_path / "other" / "eval.json").read_text())
+  assert {k: other["sampling"][k] for k in ("guidance_scale", "num_steps", "sampler")} == {
+      "guidance_scale": 1.0, "num_steps": 1, "sampler": "dpmpp_2m"}
+  assert ((tmp_path / "other" / "videos" / "test_1.mp4").read_bytes()
+          != (tmp_path / "eval" / "videos" / "test_1.mp4").read_bytes())
+
+
+def test_evaluate_scores_an_earlier_stage_on_stories_of_its_length(ablation, tmp_path):
+  run = ablation[0] / "runs" / "none_seed0"
+  done = command("ttt_jax.evaluate", f"--workdir={run}", "--stage=toy_9s", "--num_storyboards=1",
+                 f"--out={tmp_path / 'eval'}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+  assert result["stage"] == "toy_9s"
+  assert [s["segments"] for s in result["storyboards"]] == [3]
+  assert len(result["metrics"]["persistence"]["per_segment"]["mean"]) == 3
 
 
 @pytest.mark.parametrize("module,args,expected", [
@@ -143,6 +164,14 @@ def test_evaluate_scores_story_files_as_the_held_out_split(ablation, tmp_path):
      "--storyboards {run}/storyboard.json is a sampling storyboard (a list of segments); scoring "
      "needs the toy_toons story behind it (its facts, actions and rendering): pass "
      "toy_toons.Story.to_json(), as evaluate writes to OUT/stories/"),
+    ("ttt_jax.evaluate", ["--workdir={run}", "--guidance_scale=-1"],
+     "--guidance_scale -1.0: expected a number >= 0 (1: no classifier-free guidance, 0: the "
+     "null text's prediction alone)"),
+    ("ttt_jax.evaluate", ["--workdir={run}", "--stage=toy_99s"],
+     "--stage toy_99s: not a finished stage of {run}; finished: toy_18s, toy_30s, toy_3s, "
+     "toy_63s, toy_9s"),
+    ("ttt_jax.evaluate", ["--workdir={run}", "--sampler=euler"],
+     "--sampler 'euler': expected one of ddim, dpmpp_2m"),
     ("ttt_jax.ablate", ["--config=configs/toy.py:runlocal", "--workdir={tmp}", "--mixers=lstm"],
      "unknown mixer 'lstm'; the config argument mixer= takes one of none, swa, mamba2, "
      "gated_deltanet, ttt_linear, ttt_mlp"),

@@ -1,12 +1,15 @@
 """Scores a trained toy run on held-out storyboards: persistence, text following, frame quality.
 
   python -m ttt_jax.evaluate --workdir=runs/toy [--storyboards=a.json,b.json]
-      [--num_storyboards=N] [--out=DIR] [--seed=N] [--verbose]
+      [--num_storyboards=N] [--out=DIR] [--seed=N] [--stage=NAME] [--guidance_scale=G] [--num_steps=N]
+      [--sampler=ddim|dpmpp_2m] [--verbose]
 
 --workdir is a toy job's workdir (python -m ttt_jax.train --config=configs/toy.py); its last
-stage (the one trained on the most segments, stages/<stage>/model) is sampled through
+stage (the one trained on the most segments, stages/<stage>/model; --stage=NAME picks another,
+e.g. toy_9s, scored on held-out stories of its own length) is sampled through
 `sample.Sampler`, the toy job's own sampler, with the stage's saved config
-(checkpoint.load_run_config).
+(checkpoint.load_run_config); --guidance_scale, --num_steps and --sampler replace its
+sampling settings, so one trained run can be scored under several (eval.json records them).
 
 Storyboards: by default the toy_toons test split of that stage's dataset (never trained on), or,
 with --num_storyboards=N, its first N stories: test stories beyond the split's size come from the
@@ -56,20 +59,26 @@ _DATASET = re.compile(r"^(\d+)s_(\d+)x(\d+)_(\d+)fps_train(\d+)_test(\d+)_seed(\
 
 # ---------------------------------------------------------------------------- what is evaluated
 
-def last_stage(workdir: str) -> str:
-  """The stage folder of `workdir` trained on the most segments that has its model/."""
+def last_stage(workdir: str, stage: str | None = None) -> str:
+  """The stage folder of `workdir` trained on the most segments that has its model/, or the
+  finished stage named `stage` (e.g. toy_9s)."""
   stages = os.path.join(workdir, "stages")
-  found = []
+  found = {}
   for name in sorted(os.listdir(stages)) if os.path.isdir(stages) else []:
     config = os.path.join(stages, name, "config.json")
     if os.path.isfile(config) and os.path.isdir(os.path.join(stages, name, "model")):
       with open(config, encoding="utf-8") as f:
-        found.append((json.load(f)["segments"], os.path.join(stages, name)))
+        found[name] = (json.load(f)["segments"], os.path.join(stages, name))
   if not found:
     raise ValueError(f"--workdir {workdir}: no finished stage (stages/*/model and config.json); "
                      "expected the workdir of a finished toy job (python -m ttt_jax.train "
                      "--config=configs/toy.py)")
-  return max(found)[1]
+  if stage is None:
+    return max(found.values())[1]
+  if stage not in found:
+    raise ValueError(f"--stage {stage}: not a finished stage of {workdir}; finished: "
+                     f"{', '.join(found)}")
+  return found[stage][1]
 
 
 def held_out_stories(workdir: str, config: Any, count: int = 0) -> list[tuple[str, Any]]:
@@ -206,30 +215,51 @@ def plot_per_segment(lines: dict[str, dict[str, list[float]]], path: str, title:
 
 # ---------------------------------------------------------------------------- the command
 
+def sampling_overrides(guidance_scale: float | None = None, num_steps: int | None = None,
+                       sampler: str | None = None) -> dict[str, Any]:
+  """The sampling fields to replace in the run's config (None: keep), checked; errors name the
+  flag."""
+  from ttt_jax.diffusion.samplers import SAMPLERS  # pylint: disable=g-import-not-at-top
+  if guidance_scale is not None and not guidance_scale >= 0.0:
+    raise ValueError(f"--guidance_scale {guidance_scale}: expected a number >= 0 (1: no "
+                     "classifier-free guidance, 0: the null text's prediction alone)")
+  if num_steps is not None and num_steps < 1:
+    raise ValueError(f"--num_steps {num_steps}: expected a positive number of denoising steps")
+  if sampler is not None and sampler not in SAMPLERS:
+    raise ValueError(f"--sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+  given = dict(guidance_scale=guidance_scale, num_steps=num_steps, sampler=sampler)
+  return {k: v for k, v in given.items() if v is not None}
+
+
 def run(workdir: str, storyboards: list[str] | None = None, out: str | None = None, *,
-        num_storyboards: int = 0, seed: int | None = None,
+        num_storyboards: int = 0, seed: int | None = None, stage: str | None = None,
+        sampling: dict[str, Any] | None = None,
         resamples: int = bootstrap.RESAMPLES) -> dict[str, Any]:
   """Samples and scores; writes OUT/{eval.json, eval.png, videos/, stories/} and returns
-  eval.json's contents (module docstring). The libraries' logs go to WORKDIR/log.txt."""
+  eval.json's contents (module docstring). `sampling`: fields of the run's config.sampling to
+  replace (`sampling_overrides`). The libraries' logs go to WORKDIR/log.txt."""
   from ttt_jax import toy_job  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"--workdir {workdir}: no such folder")
   # Orbax's and tfds' INFO lines go to the run's log.txt, as its toy job's did.
   with toy_job.logs_to_file(os.path.join(workdir, "log.txt")):
-    return _run(workdir, storyboards, out, num_storyboards, seed, resamples)
+    return _run(workdir, storyboards, out, num_storyboards, seed, stage, sampling or {},
+                resamples)
 
 
 def _run(workdir: str, storyboards: list[str] | None, out: str | None, num_storyboards: int,
-         seed: int | None, resamples: int) -> dict[str, Any]:
+         seed: int | None, stage: str | None, sampling: dict[str, Any],
+         resamples: int) -> dict[str, Any]:
   """`run`'s body, its logs already going to the run's log.txt."""
   from ttt_jax import checkpoint, sample  # pylint: disable=g-import-not-at-top
   from ttt_jax.data.storyboard import parse_storyboard  # pylint: disable=g-import-not-at-top
   from ttt_jax.data.video_io import to_uint8, write_mp4  # pylint: disable=g-import-not-at-top
 
   out = cli.check_output_dir(out or os.path.join(workdir, "eval"), "--out", overwrite=True)
-  stage_dir = last_stage(workdir)
+  stage_dir = last_stage(workdir, stage)
   config = checkpoint.load_run_config(stage_dir)
+  config.sampling.update(sampling)
   stories = (load_stories(storyboards, config) if storyboards
              else held_out_stories(workdir, config, num_storyboards))
   seed = config.seed if seed is None else seed
@@ -263,7 +293,9 @@ def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  result = run(f.workdir, f.storyboards, f.out, num_storyboards=f.num_storyboards, seed=f.seed)
+  sampling = sampling_overrides(f.guidance_scale, f.num_steps, f.sampler)
+  result = run(f.workdir, f.storyboards, f.out, num_storyboards=f.num_storyboards, seed=f.seed,
+               stage=f.stage, sampling=sampling)
   print(json.dumps({m: {k: round(v, 4) for k, v in result["metrics"][m].items()
                         if k != "per_segment"} for m in METRICS}))
 
@@ -275,5 +307,9 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_storyboards", 0, "held-out stories to sample (0: the test split)")
   flags.DEFINE_string("out", None, "output folder (default WORKDIR/eval; replaced)")
   flags.DEFINE_integer("seed", None, "sampling seed (default: the stage config's)")
+  flags.DEFINE_string("stage", None, "the stage to score, e.g. toy_9s (default: the longest)")
+  flags.DEFINE_float("guidance_scale", None, "classifier-free guidance (default: the config's)")
+  flags.DEFINE_integer("num_steps", None, "denoising steps (default: the config's)")
+  flags.DEFINE_string("sampler", None, "ddim or dpmpp_2m (default: the config's)")
   flags.mark_flags_as_required(["workdir"])
   cli.run_absl(main)
