@@ -7,6 +7,10 @@
       [--checkpoint_group_size 16,none]   (a row for each: none keeps every mini-batch's
       residuals, so impl=dual's backward runs no forward matmul again)
 
+The first row of each length, `mini_batch_matmul_ceiling`, times the TTT-MLP step's matmul shapes
+alone, chained mini-batch by mini-batch: the most of the dense rate that any TTT-MLP row's
+`fraction_of_matmul` can reach on this machine.
+
 Per case: tokens/s forward and forward+backward and their ratio; achieved FLOP/s over the FLOP/s
 of a dense jnp.dot measured in the same process (`fraction_of_matmul`, so numbers from a noisy
 shared machine compare across runs); XLA's compiled memory footprint (arguments + outputs +
@@ -81,6 +85,44 @@ def ttt_memory(inner, impl, causal, batch, heads, seq, d, mb, group):
                                              params, x, x, x, eta))
 
 
+def bench_mini_batch_matmuls(batch, heads, seq, d, mb, repeats, rate):
+  """The ceiling of the fractions: the TTT-MLP step's matmul shapes alone, one mini-batch after
+  another as the scan runs them ([batch x heads] batched, n = seq / mb of them in a lax.scan).
+
+  `K W1` is [b, d] x [d, 4d]; `H W2` contracts over the hidden, [b, 4d] x [4d, d]; `K^T G` (a
+  weight gradient) over the mini-batch, [d, b] x [b, 4d]. The model FLOPs that the fractions
+  count are matmuls of these shapes (or their transposes), so no schedule of them beats the
+  fastest one's `fraction_of_matmul`, and neither the forward's fraction nor the fwd+bwd's (3x
+  the forward's FLOPs over its time) can exceed `ceiling`."""
+  n, bh, h = seq // mb, batch * heads, 4 * d
+  ks = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(ks[0], (n, bh, mb, d))
+  g = jax.random.normal(ks[1], (n, bh, mb, h))
+  w = jax.random.normal(ks[2], (bh, d, h))
+  w2 = jnp.swapaxes(w, 1, 2)
+
+  def chain(product):
+    def run(x, g, w):
+      # The carry makes step i wait for step i - 1, as the scan's weights do.
+      def body(acc, xg):
+        out = product(xg[0], xg[1], w)
+        return acc + out[:, :1, :1], out
+      return jax.lax.scan(body, jnp.zeros((bh, 1, 1)), (x, g))[1]
+    return jax.jit(run)
+
+  cases = {"b_d_x_d_4d": lambda x, g, w: jnp.einsum("zbd,zdh->zbh", x, w),
+           "b_4d_x_4d_d": lambda x, g, w: jnp.einsum("zbh,zhd->zbd", g, w2),
+           "d_b_x_b_4d": lambda x, g, w: jnp.einsum("zbd,zbh->zdh", x, g)}
+  flops = 2 * n * bh * mb * d * h
+  rows = {}
+  for name, product in cases.items():
+    times = call_times(chain(product), x, g, w, repeats=repeats)[1]
+    rows[name] = round(flops / min(times) / rate, 4)
+  return dict(case="mini_batch_matmul_ceiling", batch=batch, heads=heads, seq=seq, head_dim=d,
+              mini_batch_size=mb, fraction_of_matmul=rows,
+              ceiling=max(rows.values()), device=jax.devices()[0].device_kind)
+
+
 def bench_attention(batch, heads, seq, d, repeats, rate):
   ks = jax.random.split(jax.random.key(2), 3)
   q, k, v = (jax.random.normal(key, (batch, seq, heads, d)) for key in ks)
@@ -138,6 +180,9 @@ def main(argv=None):
   for seq in map(int, args.seqs.split(",")):
     for inner in args.inners.split(","):
       mb = args.mini_batch_size or _PAPER_MINI_BATCH[inner]
+      if inner == "mlp":
+        print(json.dumps(bench_mini_batch_matmuls(args.batch, args.heads, seq, args.head_dim,
+                                                  mb, args.repeats, rate)), flush=True)
       for causal, impl, group in itertools.product(causals, args.impls.split(","), groups):
         print(json.dumps(bench_ttt(inner, impl, causal, args.batch, args.heads, seq,
                                    args.head_dim, mb, group, args.repeats, rate)), flush=True)
