@@ -164,9 +164,8 @@ def test_evaluate_scores_an_earlier_stage_on_stories_of_its_length(ablation, tmp
      "--storyboards {run}/storyboard.json is a sampling storyboard (a list of segments); scoring "
      "needs the toy_toons story behind it (its facts, actions and rendering): pass "
      "toy_toons.Story.to_json(), as evaluate writes to OUT/stories/"),
-    ("ttt_jax.evaluate", ["--workdir={run}", "--guidance_scale=-1"],
-     "--guidance_scale -1.0: expected a number >= 0 (1: no classifier-free guidance, 0: the "
-     "null text's prediction alone)"),
+    ("ttt_jax.evaluate", ["--workdir={run}", "--guidance_scale=0.5"],
+     "--guidance_scale 0.5: expected a number >= 1 (1: no classifier-free guidance)"),
     ("ttt_jax.evaluate", ["--workdir={run}", "--stage=toy_99s"],
      "--stage toy_99s: not a finished stage of {run}; finished: toy_18s, toy_30s, toy_3s, "
      "toy_63s, toy_9s"),

@@ -220,9 +220,10 @@ def sampling_overrides(guidance_scale: float | None = None, num_steps: int | Non
   """The sampling fields to replace in the run's config (None: keep), checked; errors name the
   flag."""
   from ttt_jax.diffusion.samplers import SAMPLERS  # pylint: disable=g-import-not-at-top
-  if guidance_scale is not None and not guidance_scale >= 0.0:
-    raise ValueError(f"--guidance_scale {guidance_scale}: expected a number >= 0 (1: no "
-                     "classifier-free guidance, 0: the null text's prediction alone)")
+  if guidance_scale is not None and not guidance_scale >= 1.0:
+    # diffusion.sample guides iff the scale is above 1: below, it would silently not guide.
+    raise ValueError(f"--guidance_scale {guidance_scale}: expected a number >= 1 (1: no "
+                     "classifier-free guidance)")
   if num_steps is not None and num_steps < 1:
     raise ValueError(f"--num_steps {num_steps}: expected a positive number of denoising steps")
   if sampler is not None and sampler not in SAMPLERS:
