@@ -192,8 +192,8 @@ def test_toy_stages_keep_the_tomjerry_structure(arg):
     for key in ("schedule", "adam_b1", "adam_b2", "weight_decay", "grad_clip", "text_dropout"):
       assert stage.train[key] == real.train[key], key
     # Where the toy departs from the paper's stages, and only there (configs/toy.py says why):
-    # a mixer-free 3 s backbone, a 9 s stage that trains the memory path at t >= 950, and
-    # later stages that draw half of each batch there.
+    # a mixer-free 3 s backbone, a 9 s stage that trains only the memory path, and every later
+    # stage draws half of each batch at t >= 950.
     assert real.train.high_t_fraction == 0.0
     if seconds == 3:
       assert stage.model.mixer == "none" and stage.train.trainable == real.train.trainable
@@ -201,7 +201,7 @@ def test_toy_stages_keep_the_tomjerry_structure(arg):
     elif seconds == 9:
       assert stage.model.mixer == real.model.mixer
       assert stage.train.trainable == ("mixer", "gates")
-      assert (stage.train.high_t_fraction, stage.train.high_t_from) == (1.0, 950)
+      assert (stage.train.high_t_fraction, stage.train.high_t_from) == (0.5, 950)
       assert stage.train.mixer_lr > stage.train.lr
     else:
       assert stage.model.mixer == real.model.mixer
