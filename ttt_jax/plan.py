@@ -28,7 +28,8 @@ as plain XLA), lower_seconds, compile_seconds, peak_host_rss_bytes. A step over 
 compile for TPU: then fits is false, per_device_bytes null, and temp_bytes is what the compiler
 said its temporaries need.
 
-Measured (README "Plan" has every stage): tomjerry_63s's layout for v5p-256 (fsdp=16 x
+Measured (README "Plan" has every stage; each SLICE_LAYOUTS entry compiles at 42 layers and
+fits): tomjerry_63s's layout for v5p-256 (fsdp=16 x
 context=8, 4 micro-batches, splash, impl="pallas", remat full) compiles at 30.4 / 31.7 GiB a chip
 with 2 / 4 layers (563 / 477 s, host RSS 13 GB), and at all 42 layers at 57.7 GiB (578 s, host
 RSS 13 GB; the extrapolation from 2 and 4 said 56.5). Also compiled at 42 layers: tomjerry_3s,
