@@ -102,21 +102,18 @@ def bench_mini_batch_matmuls(batch, heads, seq, d, mb, repeats, rate):
   w2 = jnp.swapaxes(w, 1, 2)
 
   def chain(product):
-    def run(x, g, w):
-      # The carry makes step i wait for step i - 1, as the scan's weights do.
-      def body(acc, xg):
-        out = product(xg[0], xg[1], w)
-        return acc + out[:, :1, :1], out
-      return jax.lax.scan(body, jnp.zeros((bh, 1, 1)), (x, g))[1]
+    def run(x, g, w, w2):
+      # A while loop: one mini-batch's product after another, as the TTT scan runs them.
+      return jax.lax.scan(lambda _, xg: (None, product(*xg, w, w2)), None, (x, g))[1]
     return jax.jit(run)
 
-  cases = {"b_d_x_d_4d": lambda x, g, w: jnp.einsum("zbd,zdh->zbh", x, w),
-           "b_4d_x_4d_d": lambda x, g, w: jnp.einsum("zbh,zhd->zbd", g, w2),
-           "d_b_x_b_4d": lambda x, g, w: jnp.einsum("zbd,zbh->zdh", x, g)}
+  cases = {"b_d_x_d_4d": lambda x, g, w, w2: jnp.einsum("zbd,zdh->zbh", x, w),
+           "b_4d_x_4d_d": lambda x, g, w, w2: jnp.einsum("zbh,zhd->zbd", g, w2),
+           "d_b_x_b_4d": lambda x, g, w, w2: jnp.einsum("zbd,zbh->zdh", x, g)}
   flops = 2 * n * bh * mb * d * h
   rows = {}
   for name, product in cases.items():
-    times = call_times(chain(product), x, g, w, repeats=repeats)[1]
+    times = call_times(chain(product), x, g, w, w2, repeats=repeats)[1]
     rows[name] = round(flops / min(times) / rate, 4)
   return dict(case="mini_batch_matmul_ceiling", batch=batch, heads=heads, seq=seq, head_dim=d,
               mini_batch_size=mb, fraction_of_matmul=rows,

@@ -44,11 +44,12 @@ def _layout(fsdp: int, context: int = 1, tensor: int = 1, data: int = 1, remat: 
 
 # seconds -> {TPU slice: what fits it}: mesh, remat policy, attention and TTT kernel, as
 # `python -m ttt_jax.plan` compiled them, every entry at all 42 layers (README "Plan" has the
-# bytes a chip and each entry's compile time and host memory). plan.py applies the --topology's, train.py the one it runs on
-# (ttt_jax/parallel/slices.py); flags that set these fields win. The global batch of 64 needs
-# data x fsdp <= 64, so a slice of more chips splits the sequence over context; 48 heads
-# divide by context x tensor. Slices: the paper trains on 256 H100s; v6e-256 (918 bf16
-# TFLOP/s a chip) is about that, v5p (459) runs the short stages on 64 chips, the rest on 128.
+# bytes a chip and each entry's compile time and host memory). plan.py applies the
+# --topology's, train.py the one it runs on (ttt_jax/parallel/slices.py); flags that set these
+# fields win. The global batch of 64 needs data x fsdp <= 64, so a slice of more chips splits
+# the sequence over context; 48 heads divide by context x tensor. Slices: the paper trains on
+# 256 H100s; v6e-256 (918 bf16 TFLOP/s a chip) is about that, v5p (459) runs the short stages
+# on 64 chips, the rest on 128.
 SLICE_LAYOUTS = {
     3: {"v5p-128": _layout(fsdp=64), "v6e-64": _layout(fsdp=64)},
     9: {"v5p-128": _layout(fsdp=64), "v6e-256": _layout(fsdp=64, context=4)},

@@ -1,8 +1,8 @@
 """Scores a trained toy run on held-out storyboards: persistence, text following, frame quality.
 
   python -m ttt_jax.evaluate --workdir=runs/toy [--storyboards=a.json,b.json]
-      [--num_storyboards=N] [--out=DIR] [--seed=N] [--stage=NAME] [--guidance_scale=G] [--num_steps=N]
-      [--sampler=ddim|dpmpp_2m] [--verbose]
+      [--num_storyboards=N] [--out=DIR] [--seed=N] [--stage=NAME] [--guidance_scale=G]
+      [--num_steps=N] [--sampler=ddim|dpmpp_2m] [--verbose]
 
 --workdir is a toy job's workdir (python -m ttt_jax.train --config=configs/toy.py); its last
 stage (the one trained on the most segments, stages/<stage>/model; --stage=NAME picks another,

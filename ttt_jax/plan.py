@@ -29,10 +29,10 @@ compile for TPU: then fits is false, per_device_bytes null, and temp_bytes is wh
 said its temporaries need.
 
 Measured (README "Plan" has every stage; each SLICE_LAYOUTS entry compiles at 42 layers and
-fits): tomjerry_63s's layout for v5p-256 (fsdp=16 x
-context=8, 4 micro-batches, splash, impl="pallas", remat full) compiles at 30.4 / 31.7 GiB a chip
-with 2 / 4 layers (563 / 477 s, host RSS 13 GB), and at all 42 layers at 57.7 GiB (578 s, host
-RSS 13 GB; the extrapolation from 2 and 4 said 56.5). Also compiled at 42 layers: tomjerry_3s,
+fits): tomjerry_63s's layout for v5p-256 (fsdp=16 x context=8, 4 micro-batches, splash,
+impl="pallas", remat full) compiles at 30.4 / 31.7 GiB a chip with 2 / 4 layers (563 / 477 s,
+host RSS 13 GB), and at all 42 layers at 57.7 GiB (578 s, host RSS 13 GB; the extrapolation
+from 2 and 4 said 56.5). Also compiled at 42 layers: tomjerry_3s,
 v5p-128 (64 chips), fsdp=64, global batch 64 (1 sample a chip, 1 micro-batch), chunked
 attention, remat full: 24.27 GiB a chip (temps 23.8 GB, arguments 2.2 GB), fits 95 GiB; compile
 1069 s, host RSS 7.6 GB. attention_impl=xla with 2 layers already needs 71.6 GiB: a segment's
