@@ -107,13 +107,19 @@ def bench_mini_batch_matmuls(batch, heads, seq, d, mb, repeats, rate):
       return jax.lax.scan(lambda _, xg: (None, product(*xg, w, w2)), None, (x, g))[1]
     return jax.jit(run)
 
-  cases = {"b_d_x_d_4d": lambda x, g, w, w2: jnp.einsum("zbd,zdh->zbh", x, w),
-           "b_4d_x_4d_d": lambda x, g, w, w2: jnp.einsum("zbh,zhd->zbd", g, w2),
-           "d_b_x_b_4d": lambda x, g, w, w2: jnp.einsum("zbd,zbh->zdh", x, g)}
+  # The weight gradient twice: as the step computes it, contracting both operands' first axis,
+  # and from a K already transposed to [d, b] (a plain [d, b] x [b, 4d] product). On XLA:CPU the
+  # two run at about the same rate: what slows it against `K W1` is that both of its operands
+  # change every mini-batch (a fresh K slice and G), where `K W1` reuses the same W1.
+  cases = {"b_d_x_d_4d": (lambda x, g, w, w2: jnp.einsum("zbd,zdh->zbh", x, w), x),
+           "b_4d_x_4d_d": (lambda x, g, w, w2: jnp.einsum("zbh,zhd->zbd", g, w2), x),
+           "d_b_x_b_4d": (lambda x, g, w, w2: jnp.einsum("zbd,zbh->zdh", x, g), x),
+           "d_b_x_b_4d_pretransposed": (lambda xt, g, w, w2: jnp.einsum("zdb,zbh->zdh", xt, g),
+                                        jnp.swapaxes(x, 2, 3))}
   flops = 2 * n * bh * mb * d * h
   rows = {}
-  for name, product in cases.items():
-    times = call_times(chain(product), x, g, w, w2, repeats=repeats)[1]
+  for name, (product, first) in cases.items():
+    times = call_times(chain(product), first, g, w, w2, repeats=repeats)[1]
     rows[name] = round(flops / min(times) / rate, 4)
   return dict(case="mini_batch_matmul_ceiling", batch=batch, heads=heads, seq=seq, head_dim=d,
               mini_batch_size=mb, fraction_of_matmul=rows,
