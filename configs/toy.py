@@ -149,6 +149,15 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # A frozen random T5 v1.1 encoder of this size (ttt_jax/toy_job.py says why not trained).
   c.text = ml_collections.ConfigDict(dict(d_model=64, d_kv=16, d_ff=128, num_layers=2,
                                           num_heads=4, max_length=32))
+  # T5's relative-position buckets over +-32 tokens; 8 keeps only offsets 0 and 1 apart.
+  c.text.relative_attention_buckets = 8
+  # steps > 0: train the encoder first on ttt_jax/data/toy_text.py's objective (name tokens
+  # state their character's colour, shape and action, every token the room and floor), on
+  # `stories` stories of `segments`. It needs relative_attention_buckets=32: with 8, 3000 steps
+  # reached held-out colour accuracy 0.83, with 32, 1000 steps 1.000 (README, "Drawing the
+  # characters").
+  c.text.pretrain = ml_collections.ConfigDict(dict(steps=0, stories=2000, segments=3,
+                                                   batch_size=64, lr=3e-3))
   c.stages = ml_collections.ConfigDict(
       {f"s{s}": _toy_stage(s, runlocal, long, images) for s in STAGES})
   if images:

@@ -1,0 +1,126 @@
+"""The toy text encoder's pretraining objective (ttt_jax/data/toy_text.py)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sentencepiece
+from flax import nnx
+
+from ttt_jax.data import toy_text, toy_toons
+from ttt_jax.data.tokenizer import StoryboardTokenizer
+from ttt_jax.models.t5 import T5Config, T5Encoder
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  root = tmp_path_factory.mktemp("spm")
+  # As toy_job.build_text_encoder trains it: word pieces of the fixed corpus.
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter(toy_toons.vocabulary_texts()), model_prefix=str(root / "spiece"),
+      vocab_size=1000, hard_vocab_limit=False, model_type="word", pad_id=0, eos_id=1, unk_id=2,
+      bos_id=-1, minloglevel=2)
+  return StoryboardTokenizer(root / "spiece.model", max_length=32)
+
+
+def test_labels_mark_each_name_token_with_its_character(tokenizer):
+  story = toy_toons.generate_story(7, segments=3)
+  examples = toy_text.story_examples(story)
+  ids, targets = toy_text.labels(tokenizer, examples)
+  assert ids.shape == (3, 32) and targets.shape == (3, 32, 5)
+  pieces = [[tokenizer.decode([int(t)]).strip() for t in row] for row in ids]
+  for seg, (row, labels) in enumerate(zip(pieces, targets)):
+    names = [c.name for c in story.characters]
+    # Segment 1 names each character twice (its looks, its action); later segments once.
+    assert sum(p in names for p in row) == (4 if seg == 0 else 2)
+    # Room and floor on every token of the text and its EOS, nowhere on the padding.
+    length = list(ids[seg]).index(tokenizer.eos_id) + 1
+    want_room = ([toy_text.ROOMS.index(story.room), toy_text.FLOORS.index(story.floor)]
+                 if seg == 0 else [len(toy_text.ROOMS), len(toy_text.FLOORS)])
+    assert (labels[:length, 3:] == want_room).all() and (labels[length:] == -1).all()
+    for col, piece in enumerate(row[:length]):
+      if piece not in names:
+        assert (labels[col, :3] == -1).all(), (seg, piece)
+        continue
+      c = story.characters[names.index(piece)]
+      action = story.actions[seg][names.index(piece)]
+      want_color = toy_text.COLORS.index(c.color) if seg == 0 else len(toy_text.COLORS)
+      want_shape = toy_text.SHAPES.index(c.shape) if seg == 0 else len(toy_text.SHAPES)
+      assert labels[col, :3].tolist() == [want_color, want_shape,
+                                          toy_text.ACTIONS.index(action)]
+  # The texts are the pipeline's: the scene tokens where the story cuts.
+  assert examples[0][0].startswith("<start_scene>")
+  assert examples[-1][0].endswith("<end_scene>")
+
+
+def test_labels_refuse_a_tokenizer_that_splits_names(tmp_path):
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter(["a b c d e f g h"] * 20), model_prefix=str(tmp_path / "s"),
+      vocab_size=40, hard_vocab_limit=False, model_type="char", pad_id=0, eos_id=1, unk_id=2,
+      bos_id=-1, minloglevel=2)
+  tok = StoryboardTokenizer(tmp_path / "s.model", max_length=32)
+  story = toy_toons.generate_story(0, segments=1)
+  with pytest.raises(ValueError, match="splits the name"):
+    toy_text.labels(tok, toy_text.story_examples(story))
+
+
+def test_pretrain_learns_the_binding_and_keeps_the_encoder_shape(tokenizer):
+  config = T5Config(vocab_size=tokenizer.vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                    num_heads=4, relative_attention_num_buckets=32,
+                    relative_attention_max_distance=32)
+  model = T5Encoder(config, rngs=nnx.Rngs(0))
+  before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+
+  def data(first, n):
+    examples = []
+    for seed in range(first, first + n):
+      examples += toy_text.story_examples(toy_toons.generate_story(seed, segments=3))
+    return toy_text.labels(tokenizer, examples)
+
+  ids, targets = data(0, 300)
+  held_out = data(10_000, 40)
+  out = toy_text.pretrain(model, ids, targets, steps=300, batch_size=32, lr=3e-3, seed=0,
+                          held_out=held_out)
+  assert out["loss"][-1] < 0.5 * out["loss"][0]
+  # Chance on the name tokens of held-out stories, for a model that ignores the text: the
+  # most frequent class of each head.
+  chance = [np.bincount(held_out[1][..., k][held_out[1][..., k] >= 0]).max()
+            / (held_out[1][..., k] >= 0).sum() for k in range(5)]
+  assert all(a > c + 0.15 for a, c in zip(out["accuracy"], chance)), (out["accuracy"], chance)
+  after = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+  assert jax.tree.structure(after) == jax.tree.structure(before)  # the heads are not kept
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(after),
+                                                   jax.tree.leaves(before)))
+  assert model(jnp.asarray(ids[:2])).shape == (2, 32, 32)
+
+
+def test_pretrain_rejects_bad_arguments(tokenizer):
+  config = T5Config(vocab_size=tokenizer.vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                    num_heads=4)
+  model = T5Encoder(config, rngs=nnx.Rngs(0))
+  ids = np.zeros((2, 32), np.int32)
+  with pytest.raises(ValueError, match="steps >= 1"):
+    toy_text.pretrain(model, ids, np.zeros((2, 32, 5), np.int32), steps=0, batch_size=2,
+                      lr=1e-3, seed=0)
+  with pytest.raises(ValueError, match="no labelled token"):
+    toy_text.pretrain(model, ids, np.full((2, 32, 5), -1, np.int32), steps=1, batch_size=2,
+                      lr=1e-3, seed=0)
+
+
+def test_the_toy_job_saves_the_pretrained_encoder(tmp_path):
+  from configs import toy
+  from ttt_jax import checkpoint, toy_job
+  from ttt_jax.data.builders import toy_toons as builder
+  datasets = {3: builder.build(str(tmp_path / "data"), segments=1, num_train=1, num_test=1)}
+  saved = {}
+  for steps in (0, 5):
+    config = toy.get_config("runlocal")
+    config.text.relative_attention_buckets = 32
+    config.text.pretrain.update(steps=steps, stories=3, batch_size=4)
+    _, t5_dir = toy_job.build_text_encoder(config, str(tmp_path / f"w{steps}"), datasets)
+    t5_config = checkpoint.read_json(f"{t5_dir}/config.json")
+    assert t5_config["relative_attention_num_buckets"] == 32
+    saved[steps] = checkpoint.load_params(f"{t5_dir}/params")
+  # The same random start (config.seed), then 5 steps of the objective.
+  moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(saved[0]),
+                                                 jax.tree.leaves(saved[5]))]
+  assert any(moved) and jax.tree.structure(saved[0]) == jax.tree.structure(saved[5])

@@ -1,0 +1,129 @@
+"""A language objective for the toy's text encoder: each name token states its character.
+
+The paper's T5 comes pretrained; the toy's is random unless `pretrain` trains it. The objective
+puts the binding the DiT would otherwise have to work out into the name tokens: at every token
+that is a character's name, three linear heads on the encoder's output predict that character's
+colour and shape (or "not stated": only segment 1's text states them) and its action in this
+segment's text. So in "... Toodles is a red circle ... Toodles moves down." the encoder must carry
+"red", "circle" and "moves down" to both "Toodles" tokens, across the sentences, as a pretrained
+language model's contextual embeddings would. Two more heads predict the room's and the floor's
+colour (or "not stated") at every token of the text, EOS included: trained on the names alone,
+the encoder let the room words' outputs drift, and a stage 1 on it drew the room in 8% of
+held-out clips against 92%.
+
+  labels(tokenizer, examples)   ids int32 [n, max_length], labels int32 [n, max_length, 5]
+                                (-1: no label)
+  pretrain(model, ids, labels)  trains a T5Encoder in place; loss curve, held-out accuracy
+
+The texts are those the pipeline encodes (`segment_text` with the scene tokens), padded to
+max_length and encoded without an attention mask, as precompute does.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ttt_jax.data import toy_toons
+from ttt_jax.data.tokenizer import StoryboardTokenizer, segment_text
+
+COLORS, SHAPES, ACTIONS = tuple(toy_toons.CHARACTER_COLORS), toy_toons.SHAPES, toy_toons.ACTIONS
+ROOMS, FLOORS = tuple(toy_toons.ROOM_COLORS), tuple(toy_toons.FLOOR_COLORS)
+HEADS = ("colour", "shape", "action", "room", "floor")
+# Colour, shape, room and floor have one class more: "not stated in this text".
+NUM_CLASSES = (len(COLORS) + 1, len(SHAPES) + 1, len(ACTIONS), len(ROOMS) + 1, len(FLOORS) + 1)
+
+# (text, name -> (colour, shape, action), (room, floor)) of one segment; class ids.
+Example = tuple[str, dict[str, tuple[int, int, int]], tuple[int, int]]
+
+
+def story_examples(story: toy_toons.Story) -> list[Example]:
+  """Per segment: the text as the pipeline encodes it (`segment_text`) and its class ids."""
+  out = []
+  for i, (text, actions) in enumerate(zip(toy_toons.story_texts(story), story.actions)):
+    stated = i == 0  # only segment 1's text states the looks
+    targets = {}
+    for character, action in zip(story.characters, actions):
+      targets[character.name] = (COLORS.index(character.color) if stated else len(COLORS),
+                                 SHAPES.index(character.shape) if stated else len(SHAPES),
+                                 ACTIONS.index(action))
+    room = ((ROOMS.index(story.room), FLOORS.index(story.floor)) if stated
+            else (len(ROOMS), len(FLOORS)))
+    out.append((segment_text(text, story.scene_start[i], story.scene_end[i]), targets, room))
+  return out
+
+
+def labels(tokenizer: StoryboardTokenizer,
+           examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:
+  """(ids int32 [n, max_length], labels int32 [n, max_length, 5]): HEADS' classes; -1 where a
+  head has no label (the first three off the name tokens, all five on padding)."""
+  name_ids = {}
+  for name in toy_toons.NAMES:
+    ids = tokenizer.tokenize(name)
+    if len(ids) != 1:
+      raise ValueError(f"the tokenizer splits the name {name!r} into {len(ids)} pieces; the "
+                       "objective needs one token per name")
+    name_ids[ids[0]] = name
+  ids, mask = tokenizer.encode([text for text, _, _ in examples])
+  out = np.full(ids.shape + (len(HEADS),), -1, np.int32)
+  for row, (_, targets, room) in enumerate(examples):
+    out[row, mask[row], 3:] = room
+    for col, token in enumerate(ids[row]):
+      name = name_ids.get(int(token))
+      if name is not None:
+        out[row, col, :3] = targets[name]
+  return ids, out
+
+
+def pretrain(model, ids: np.ndarray, targets: np.ndarray, *, steps: int, batch_size: int,
+             lr: float, seed: int, held_out: tuple[np.ndarray, np.ndarray] | None = None
+             ) -> dict[str, list[float]]:
+  """Trains `model` (a T5Encoder, in place) with the three heads on (ids, targets) from
+  `labels`; the heads are dropped afterwards. Returns {"loss": the loss every 10% of the steps,
+  "accuracy": each of HEADS' over its labelled tokens of `held_out` (ids, targets)}."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  if steps < 1 or batch_size < 1:
+    raise ValueError(f"pretrain needs steps >= 1 and batch_size >= 1, got {steps}, {batch_size}")
+  if not (targets >= 0).any():
+    raise ValueError("no labelled token in the pretraining texts")
+  d = model.config.d_model
+  rngs = nnx.Rngs(seed)
+  heads = nnx.List([nnx.Linear(d, k, rngs=rngs) for k in NUM_CLASSES])
+  both = nnx.List([model, heads])
+  optimizer = nnx.Optimizer(both, optax.adam(optax.cosine_decay_schedule(lr, steps)),
+                            wrt=nnx.Param)
+
+  def loss_fn(both, ids, targets):
+    model, heads = both
+    h = model(ids)
+    total = 0.0
+    for k, head in enumerate(heads):
+      t = targets[..., k]
+      ce = optax.softmax_cross_entropy_with_integer_labels(head(h), jnp.maximum(t, 0))
+      mask = (t >= 0).astype(ce.dtype)
+      total = total + jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return total / len(heads)
+
+  @nnx.jit
+  def train_step(both, optimizer, ids, targets):
+    loss, grads = nnx.value_and_grad(loss_fn)(both, ids, targets)
+    optimizer.update(both, grads)
+    return loss
+
+  rng = np.random.default_rng(seed)
+  curve = []
+  for step in range(steps):
+    pick = rng.integers(0, len(ids), batch_size)
+    loss = train_step(both, optimizer, jnp.asarray(ids[pick]), jnp.asarray(targets[pick]))
+    if (step + 1) % max(steps // 10, 1) == 0 or step == steps - 1:
+      curve.append(float(jax.device_get(loss)))
+  accuracy = []
+  if held_out is not None:
+    h = model(jnp.asarray(held_out[0]))
+    for k, head in enumerate(heads):
+      t = held_out[1][..., k]
+      hit = np.asarray(jnp.argmax(head(h), -1)) == t
+      accuracy.append(float(hit[t >= 0].mean()))
+  return dict(loss=curve, accuracy=accuracy)
