@@ -70,14 +70,8 @@ def test_pretrain_learns_the_binding_and_keeps_the_encoder_shape(tokenizer):
   model = T5Encoder(config, rngs=nnx.Rngs(0))
   before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
 
-  def data(first, n):
-    examples = []
-    for seed in range(first, first + n):
-      examples += toy_text.story_examples(toy_toons.generate_story(seed, segments=3))
-    return toy_text.labels(tokenizer, examples)
-
-  ids, targets = data(0, 300)
-  held_out = data(10_000, 40)
+  ids, targets = toy_text.story_labels(tokenizer, range(300), 3)
+  held_out = toy_text.story_labels(tokenizer, range(10_000, 10_040), 3)
   out = toy_text.pretrain(model, ids, targets, steps=300, batch_size=32, lr=3e-3, seed=0,
                           held_out=held_out)
   assert out["loss"][-1] < 0.5 * out["loss"][0]

@@ -151,9 +151,8 @@ def build_text_encoder(config, workdir: str, datasets) -> tuple[str, str]:
                        relative_attention_num_buckets=config.text.relative_attention_buckets,
                        relative_attention_max_distance=32)
   encoder = T5Encoder(t5_config, rngs=nnx.Rngs(config.seed))
-  pre = config.text.get("pretrain", None)
-  if pre is not None and pre.steps > 0:
-    _pretrain_text_encoder(encoder, tokenizer, config, pre)
+  if config.text.pretrain.steps > 0:
+    _pretrain_text_encoder(encoder, tokenizer, config, config.text.pretrain)
   checkpoint.save_model(t5_dir, t5_config, encoder)
   return spm, t5_dir
 
@@ -162,16 +161,10 @@ def _pretrain_text_encoder(encoder, tokenizer, config, pre) -> None:
   """ttt_jax/data/toy_text.py's objective on stories of their own seeds (not the datasets':
   what the encoder learns must not change with the number of stories a stage draws)."""
   from ttt_jax.data import toy_text  # pylint: disable=g-import-not-at-top
-  from ttt_jax.data import toy_toons  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
-  def data(first, count):
-    examples = []
-    for seed in range(first, first + count):
-      story = toy_toons.generate_story(seed, segments=pre.segments, fps=config.fps,
-                                       height=config.height, width=config.width)
-      examples += toy_text.story_examples(story)
-    return toy_text.labels(tokenizer, examples)
-
+  data = lambda first, count: toy_text.story_labels(
+      tokenizer, range(first, first + count), pre.segments, fps=config.fps,
+      height=config.height, width=config.width)
   ids, targets = data(_TEXT_SEED, pre.stories)
   out = toy_text.pretrain(encoder, ids, targets, steps=pre.steps, batch_size=pre.batch_size,
                           lr=pre.lr, seed=config.seed,

@@ -12,7 +12,7 @@ the encoder let the room words' outputs drift, and a stage 1 on it drew the room
 held-out clips against 92%.
 
   labels(tokenizer, examples)   ids int32 [n, max_length], labels int32 [n, max_length, 5]
-                                (-1: no label)
+                                (-1: no label); story_labels: the same for generated stories
   pretrain(model, ids, labels)  trains a T5Encoder in place; loss curve, held-out accuracy
 
 The texts are those the pipeline encodes (`segment_text` with the scene tokens), padded to
@@ -73,11 +73,21 @@ def labels(tokenizer: StoryboardTokenizer,
   return ids, out
 
 
+def story_labels(tokenizer: StoryboardTokenizer, seeds: range, segments: int,
+                 **geometry: int) -> tuple[np.ndarray, np.ndarray]:
+  """`labels` of every segment of the stories `toy_toons.generate_story(seed, segments,
+  **geometry)` for seed in `seeds` (geometry: fps, height, width)."""
+  examples = []
+  for seed in seeds:
+    examples += story_examples(toy_toons.generate_story(seed, segments, **geometry))
+  return labels(tokenizer, examples)
+
+
 def pretrain(model, ids: np.ndarray, targets: np.ndarray, *, steps: int, batch_size: int,
              lr: float, seed: int, held_out: tuple[np.ndarray, np.ndarray] | None = None
              ) -> dict[str, list[float]]:
-  """Trains `model` (a T5Encoder, in place) with the three heads on (ids, targets) from
-  `labels`; the heads are dropped afterwards. Returns {"loss": the loss every 10% of the steps,
+  """Trains `model` (a T5Encoder, in place) with one linear head per HEADS on (ids, targets)
+  from `labels`; the heads are dropped afterwards. Returns {"loss": the loss every 10% of the steps,
   "accuracy": each of HEADS' over its labelled tokens of `held_out` (ids, targets)}."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
