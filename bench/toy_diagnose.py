@@ -368,12 +368,15 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("mode", choices=("stage1", "overfit", "x0", "guidance", "memory", "stage2"))
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--set", nargs="*", default=[], help="stage config key=value (Python)")
-  parser.add_argument("--top", nargs="*", default=[], help="job config key=value (Python)")
+  # "extend": a repeated flag adds to the list (with nargs="*" alone the last one wins, silently).
+  parser.add_argument("--set", nargs="*", action="extend", default=[],
+                      help="stage config key=value (Python)")
+  parser.add_argument("--top", nargs="*", action="extend", default=[],
+                      help="job config key=value (Python)")
   parser.add_argument("--eval", type=int, default=4, help="held-out storyboards to sample")
   parser.add_argument("--images", action="store_true",
                       help="stage1: configs/toy.py:images (an image stage first)")
-  parser.add_argument("--image_set", nargs="*", default=[],
+  parser.add_argument("--image_set", nargs="*", action="extend", default=[],
                       help="stage1: image stage config key=value (Python)")
   parser.add_argument("--from_run", help="stage2: a toy job's workdir (its toy_3s stage)")
   parser.add_argument("--init_from", help="stage2: a trained stage directory to start from")
@@ -383,7 +386,10 @@ def main() -> None:
   parser.add_argument("--scales", type=float, nargs="*", default=[1.0, 3.0],
                       help="guidance: the guidance scales to sample at")
   args = parser.parse_args()
-  with contextlib.redirect_stdout(sys.stderr):  # tfds prints; stdout carries the JSON only
+  # tfds prints, and toy_job's log lines go to the terminal it saw at import: stdout carries the
+  # JSON only.
+  toy_job._TERMINAL = sys.stderr  # pylint: disable=protected-access
+  with contextlib.redirect_stdout(sys.stderr):
     modes = {"x0": x0_error, "guidance": guidance, "memory": memory, "stage2": stage2}
     result = (modes[args.mode](args) if args.mode in modes
               else stage1(args, args.mode == "overfit"))

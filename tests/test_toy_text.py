@@ -19,34 +19,41 @@ def tokenizer(tmp_path_factory):
       sentence_iterator=iter(toy_toons.vocabulary_texts()), model_prefix=str(root / "spiece"),
       vocab_size=1000, hard_vocab_limit=False, model_type="word", pad_id=0, eos_id=1, unk_id=2,
       bos_id=-1, minloglevel=2)
-  return StoryboardTokenizer(root / "spiece.model", max_length=32)
+  return StoryboardTokenizer(root / "spiece.model", max_length=48)
 
 
 def test_labels_mark_each_name_token_with_its_character(tokenizer):
   story = toy_toons.generate_story(7, segments=3)
   examples = toy_text.story_examples(story)
   ids, targets = toy_text.labels(tokenizer, examples)
-  assert ids.shape == (3, 32) and targets.shape == (3, 32, 5)
+  assert ids.shape == (3, 48) and targets.shape == (3, 48, 6)
+  g = toy_toons.geometry(story.height, story.width)
   pieces = [[tokenizer.decode([int(t)]).strip() for t in row] for row in ids]
   for seg, (row, labels) in enumerate(zip(pieces, targets)):
     names = [c.name for c in story.characters]
     # Segment 1 names each character twice (its looks, its action); later segments once.
+    # Nothing is cut: the EOS is there.
+    assert tokenizer.eos_id in list(ids[seg])
     assert sum(p in names for p in row) == (4 if seg == 0 else 2)
     # Room and floor on every token of the text and its EOS, nowhere on the padding.
     length = list(ids[seg]).index(tokenizer.eos_id) + 1
     want_room = ([toy_text.ROOMS.index(story.room), toy_text.FLOORS.index(story.floor)]
                  if seg == 0 else [len(toy_text.ROOMS), len(toy_text.FLOORS)])
-    assert (labels[:length, 3:] == want_room).all() and (labels[length:] == -1).all()
+    assert (labels[:length, toy_text.NAME_HEADS:] == want_room).all()
+    assert (labels[length:] == -1).all()
     for col, piece in enumerate(row[:length]):
       if piece not in names:
-        assert (labels[col, :3] == -1).all(), (seg, piece)
+        assert (labels[col, :toy_text.NAME_HEADS] == -1).all(), (seg, piece)
         continue
       c = story.characters[names.index(piece)]
       action = story.actions[seg][names.index(piece)]
+      place = toy_toons.place_word(*story.starts[seg][names.index(piece)], g)
       want_color = toy_text.COLORS.index(c.color) if seg == 0 else len(toy_text.COLORS)
       want_shape = toy_text.SHAPES.index(c.shape) if seg == 0 else len(toy_text.SHAPES)
-      assert labels[col, :3].tolist() == [want_color, want_shape,
-                                          toy_text.ACTIONS.index(action)]
+      assert labels[col, :toy_text.NAME_HEADS].tolist() == [
+          want_color, want_shape, toy_text.ACTIONS.index(action), toy_text.PLACES.index(place)]
+      # The text says the same place: "<name> in the <place> <action>."
+      assert f"{c.name} in the {place} {action}." in examples[seg][0]
   # The texts are the pipeline's: the scene tokens where the story cuts.
   assert examples[0][0].startswith("<start_scene>")
   assert examples[-1][0].endswith("<end_scene>")
@@ -78,13 +85,13 @@ def test_pretrain_learns_the_binding_and_keeps_the_encoder_shape(tokenizer):
   # Chance on the name tokens of held-out stories, for a model that ignores the text: the
   # most frequent class of each head.
   chance = [np.bincount(held_out[1][..., k][held_out[1][..., k] >= 0]).max()
-            / (held_out[1][..., k] >= 0).sum() for k in range(5)]
+            / (held_out[1][..., k] >= 0).sum() for k in range(len(toy_text.HEADS))]
   assert all(a > c + 0.15 for a, c in zip(out["accuracy"], chance)), (out["accuracy"], chance)
   after = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
   assert jax.tree.structure(after) == jax.tree.structure(before)  # the heads are not kept
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(after),
                                                    jax.tree.leaves(before)))
-  assert model(jnp.asarray(ids[:2])).shape == (2, 32, 32)
+  assert model(jnp.asarray(ids[:2])).shape == (2, 48, 32)
 
 
 def test_pretrain_rejects_bad_arguments(tokenizer):
@@ -93,10 +100,10 @@ def test_pretrain_rejects_bad_arguments(tokenizer):
   model = T5Encoder(config, rngs=nnx.Rngs(0))
   ids = np.zeros((2, 32), np.int32)
   with pytest.raises(ValueError, match="steps >= 1"):
-    toy_text.pretrain(model, ids, np.zeros((2, 32, 5), np.int32), steps=0, batch_size=2,
+    toy_text.pretrain(model, ids, np.zeros((2, 32, 6), np.int32), steps=0, batch_size=2,
                       lr=1e-3, seed=0)
   with pytest.raises(ValueError, match="no labelled token"):
-    toy_text.pretrain(model, ids, np.full((2, 32, 5), -1, np.int32), steps=1, batch_size=2,
+    toy_text.pretrain(model, ids, np.full((2, 32, 6), -1, np.int32), steps=1, batch_size=2,
                       lr=1e-3, seed=0)
 
 

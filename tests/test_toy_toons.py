@@ -32,7 +32,8 @@ def test_vocabulary_texts_hold_every_word_the_stories_write():
   written = {w.strip(".,") for seed in range(200)
              for t in toy.story_texts(toy.generate_story(seed, 4)) for w in t.split()}
   assert written <= vocabulary
-  for words in (toy.ROOM_COLORS, toy.FLOOR_COLORS, toy.CHARACTER_COLORS, toy.SHAPES, toy.NAMES):
+  for words in (toy.ROOM_COLORS, toy.FLOOR_COLORS, toy.CHARACTER_COLORS, toy.SHAPES, toy.NAMES,
+                toy.PLACES):
     assert set(words) <= vocabulary
   assert {w for a in toy.ACTIONS for w in a.split()} <= vocabulary
   assert toy.vocabulary_texts() == toy.vocabulary_texts()
@@ -73,6 +74,35 @@ def test_facts_only_in_first_segment():
       words = set(re.findall(r"[a-z]+", text.lower()))
       assert not words & toy.FACT_WORDS, text
       assert all(c.name in text for c in story.characters)
+
+
+def test_texts_say_where_each_character_starts_its_segment():
+  """The place word against the rendered frame: the third, across and down, of the middle of the
+  character's drawn pixels at the segment's first frame."""
+  frames = features.frames_per_segment(FPS)
+  names = {"northwest": (0, 0), "north": (1, 0), "northeast": (2, 0), "west": (0, 1),
+           "centre": (1, 1), "east": (2, 1), "southwest": (0, 2), "south": (1, 2),
+           "southeast": (2, 2)}
+  seen = set()
+  for seed in range(30):
+    story = toy.generate_story(seed, 4)
+    video = toy.render(story)
+    for seg, text in enumerate(toy.story_texts(story)):
+      # A segment starts where the last one ended, unless it cuts: then its first frame is one
+      # step in (a move has not yet moved a pixel there; a jump has, so it is skipped).
+      cut = seg > 0 and story.scene_start[seg]
+      frame = video[seg * frames + cut]
+      for c, action in zip(story.characters, story.actions[seg]):
+        if cut and action == "jumps":
+          continue
+        ys, xs = np.nonzero((frame == toy.CHARACTER_COLORS[c.color]).all(-1))
+        # The middle of the drawn box (a triangle's pixels lean to its base, its box does not).
+        mid_x, mid_y = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+        place = re.search(rf"{c.name} in the (\w+) ", text).group(1)
+        want = (min(2, int(3 * mid_x / story.width)), min(2, int(3 * mid_y / story.height)))
+        assert names[place] == want, (seed, seg, c, place, mid_x, mid_y)
+        seen.add(place)
+  assert seen == set(toy.PLACES)
 
 
 def test_storyboard_round_trip():

@@ -1,17 +1,18 @@
 """A language objective for the toy's text encoder: each name token states its character.
 
-The paper's T5 comes pretrained; the toy's is random unless `pretrain` trains it. The objective
-puts the binding the DiT would otherwise have to work out into the name tokens: at every token
-that is a character's name, three linear heads on the encoder's output predict that character's
-colour and shape (or "not stated": only segment 1's text states them) and its action in this
-segment's text. So in "... Toodles is a red circle ... Toodles moves down." the encoder must carry
-"red", "circle" and "moves down" to both "Toodles" tokens, across the sentences, as a pretrained
-language model's contextual embeddings would. Two more heads predict the room's and the floor's
-colour (or "not stated") at every token of the text, EOS included: trained on the names alone,
-the encoder let the room words' outputs drift, and a stage 1 on it drew the room in 8% of
-held-out clips against 92%.
+The paper's T5 comes pretrained; the toy's is random until `pretrain` trains it (the toy job
+does). The objective puts the binding the DiT would otherwise have to work out into the name
+tokens: at every token that is a character's name, four linear heads on the encoder's output
+predict that character's colour and shape (or "not stated": only segment 1's text states them),
+its action and its place (where it starts the segment) in this segment's text. So in "... Toodles
+is a red circle ... Toodles in the west moves down." the encoder must carry "red", "circle",
+"west" and "moves down" to both "Toodles" tokens, across the sentences, as a pretrained language
+model's contextual embeddings would. Two more heads predict the room's and the floor's colour (or
+"not stated") at every token of the text, EOS included: trained on the names alone, the encoder
+let the room words' outputs drift, and a stage 1 on it drew the room in 8% of held-out clips
+against 92%.
 
-  labels(tokenizer, examples)   ids int32 [n, max_length], labels int32 [n, max_length, 5]
+  labels(tokenizer, examples)   ids int32 [n, max_length], labels int32 [n, max_length, 6]
                                 (-1: no label); story_labels: the same for generated stories
   pretrain(model, ids, labels)  trains a T5Encoder in place; loss curve, held-out accuracy
 
@@ -27,24 +28,30 @@ from ttt_jax.data.tokenizer import StoryboardTokenizer, segment_text
 
 COLORS, SHAPES, ACTIONS = tuple(toy_toons.CHARACTER_COLORS), toy_toons.SHAPES, toy_toons.ACTIONS
 ROOMS, FLOORS = tuple(toy_toons.ROOM_COLORS), tuple(toy_toons.FLOOR_COLORS)
-HEADS = ("colour", "shape", "action", "room", "floor")
+PLACES = toy_toons.PLACES
+HEADS = ("colour", "shape", "action", "place", "room", "floor")
+NAME_HEADS = 4  # the first four are labelled on name tokens, the rest on every token
 # Colour, shape, room and floor have one class more: "not stated in this text".
-NUM_CLASSES = (len(COLORS) + 1, len(SHAPES) + 1, len(ACTIONS), len(ROOMS) + 1, len(FLOORS) + 1)
+NUM_CLASSES = (len(COLORS) + 1, len(SHAPES) + 1, len(ACTIONS), len(PLACES), len(ROOMS) + 1,
+               len(FLOORS) + 1)
 
-# (text, name -> (colour, shape, action), (room, floor)) of one segment; class ids.
-Example = tuple[str, dict[str, tuple[int, int, int]], tuple[int, int]]
+# (text, name -> (colour, shape, action, place), (room, floor)) of one segment; class ids.
+Example = tuple[str, dict[str, tuple[int, int, int, int]], tuple[int, int]]
 
 
 def story_examples(story: toy_toons.Story) -> list[Example]:
   """Per segment: the text as the pipeline encodes it (`segment_text`) and its class ids."""
   out = []
-  for i, (text, actions) in enumerate(zip(toy_toons.story_texts(story), story.actions)):
+  g = toy_toons.geometry(story.height, story.width)
+  for i, (text, actions, starts) in enumerate(zip(toy_toons.story_texts(story), story.actions,
+                                                  story.starts)):
     stated = i == 0  # only segment 1's text states the looks
     targets = {}
-    for character, action in zip(story.characters, actions):
+    for character, action, (x, y) in zip(story.characters, actions, starts):
       targets[character.name] = (COLORS.index(character.color) if stated else len(COLORS),
                                  SHAPES.index(character.shape) if stated else len(SHAPES),
-                                 ACTIONS.index(action))
+                                 ACTIONS.index(action),
+                                 PLACES.index(toy_toons.place_word(x, y, g)))
     room = ((ROOMS.index(story.room), FLOORS.index(story.floor)) if stated
             else (len(ROOMS), len(FLOORS)))
     out.append((segment_text(text, story.scene_start[i], story.scene_end[i]), targets, room))
@@ -53,8 +60,8 @@ def story_examples(story: toy_toons.Story) -> list[Example]:
 
 def labels(tokenizer: StoryboardTokenizer,
            examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:
-  """(ids int32 [n, max_length], labels int32 [n, max_length, 5]): HEADS' classes; -1 where a
-  head has no label (the first three off the name tokens, all five on padding)."""
+  """(ids int32 [n, max_length], labels int32 [n, max_length, 6]): HEADS' classes; -1 where a
+  head has no label (the first NAME_HEADS off the name tokens, all on padding)."""
   name_ids = {}
   for name in toy_toons.NAMES:
     ids = tokenizer.tokenize(name)
@@ -65,11 +72,11 @@ def labels(tokenizer: StoryboardTokenizer,
   ids, mask = tokenizer.encode([text for text, _, _ in examples])
   out = np.full(ids.shape + (len(HEADS),), -1, np.int32)
   for row, (_, targets, room) in enumerate(examples):
-    out[row, mask[row], 3:] = room
+    out[row, mask[row], NAME_HEADS:] = room
     for col, token in enumerate(ids[row]):
       name = name_ids.get(int(token))
       if name is not None:
-        out[row, col, :3] = targets[name]
+        out[row, col, :NAME_HEADS] = targets[name]
   return ids, out
 
 

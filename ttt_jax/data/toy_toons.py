@@ -6,12 +6,14 @@ named characters, each a coloured shape (circle, square or triangle) that does o
 the frame, and never lets the two sprites touch. The first segment's text states the facts
 
   "In a blue room with a brown floor, Tom is a red circle and Jerry is a green square.
-   Tom moves right. Jerry jumps."
+   Tom in the west moves right. Jerry in the northeast jumps."
 
-and later texts name characters and actions only ("Tom moves left. Jerry stays still."), so a
-model that draws segment 7 right has to remember segment 1: a small, exactly checkable stand-in
-for the long-range consistency the paper evaluates on Tom and Jerry. Scene cuts (about one later
-segment in three starts a scene) put the characters at new places; room and characters persist.
+and later texts only name the characters, where each starts the segment (the third of the frame
+across and down: PLACES) and what it does ("Tom in the centre moves left. Jerry in the east stays
+still."), so a model that draws segment 7 right has to remember segment 1: a small, exactly
+checkable stand-in for the long-range consistency the paper evaluates on Tom and Jerry. Scene cuts
+(about one later segment in three starts a scene) put the characters at new places; room and
+characters persist.
 
 Pure numpy and deterministic in the seed: `generate_story(seed, segments)` then `render(story)`
 -> uint8 [1 + 3*fps*segments, height, width, 3], the video layout of features.py.
@@ -41,6 +43,9 @@ CHARACTER_COLORS = {"red": (250, 70, 70), "green": (70, 220, 70), "yellow": (250
 SHAPES = ("circle", "square", "triangle")
 NAMES = ("Tom", "Jerry", "Spike", "Tyke", "Butch", "Toodles")
 ACTIONS = ("moves left", "moves right", "moves up", "moves down", "jumps", "stays still")
+# Where a sprite starts a segment: the third of the frame, across and down, holding its centre.
+PLACES = ("northwest", "north", "northeast", "west", "centre", "east", "southwest", "south",
+          "southeast")
 # Words that only the first segment's text may contain.
 FACT_WORDS = frozenset({"room", "floor", *ROOM_COLORS, *FLOOR_COLORS, *CHARACTER_COLORS, *SHAPES})
 
@@ -256,12 +261,26 @@ def render(story: Story) -> np.ndarray:
   return video
 
 
+def place_word(x: int, y: int, g: Geometry) -> str:
+  """The PLACES word of a sprite whose top-left is (x, y): the frame third holding its centre."""
+  col = min(2, 3 * (x + g.sprite / 2) // g.width)
+  row = min(2, 3 * (y + g.sprite / 2) // g.height)
+  return PLACES[int(3 * row + col)]
+
+
 def story_texts(story: Story) -> list[str]:
-  """Per-segment paragraphs; only the first states room, colours and shapes."""
+  """Per-segment paragraphs; only the first states room, colours and shapes.
+
+  Every segment says where each character starts it: without it the place of a sprite is a
+  coin toss the text cannot settle, and a model trained on squared error draws the mean over
+  places, a faint smear, instead of a sprite.
+  """
   chars = story.characters
+  g = geometry(story.height, story.width)
   texts = []
-  for i, actions in enumerate(story.actions):
-    sentences = [f"{c.name} {a}." for c, a in zip(chars, actions)]
+  for i, (actions, starts) in enumerate(zip(story.actions, story.starts)):
+    places = [place_word(x, y, g) for x, y in starts]
+    sentences = [f"{c.name} in the {p} {a}." for c, p, a in zip(chars, places, actions)]
     if i == 0:
       looks = [f"{c.name} is a {c.color} {c.shape}" for c in chars]
       sentences.insert(0, f"In a {story.room} room with a {story.floor} floor, "
@@ -288,7 +307,9 @@ def vocabulary_texts() -> list[str]:
           Character(NAMES[(j + d) % len(NAMES)], colors[(k + d) % len(colors)],
                     SHAPES[(k + d) % len(SHAPES)]) for d in (0, 1))
       story = Story(seed=0, fps=16, height=32, width=48, room=room, floor=floor,
-                    characters=characters, actions=actions, starts=((),) * len(actions),
+                    characters=characters, actions=actions,
+                    starts=tuple(((3 * (a % 3) * 8, 12 * (a // 3)), (0, 0))
+                                 for a in range(len(actions))),
                     scene_start=(True,) * len(actions))
       texts += story_texts(story)
   return texts
