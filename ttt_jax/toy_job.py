@@ -3,12 +3,13 @@ training stages with hand-off -> a one-minute sample -> metrics. Run through
 `python -m ttt_jax.train --config=configs/toy.py --workdir=DIR`.
 
 What is trained, and what is not:
-  * the tokenizer: a sentencepiece model trained on the training stories' texts;
-  * the text encoder: by default NOT trained. A T5 v1.1 encoder with random weights, frozen, as
-    the paper freezes its T5. A random transformer is a fixed featuriser that keeps different
-    token sequences apart, and the DiT's text projection (trained in stage 1) learns to read it.
-    `text.pretrain.steps > 0` first trains it on ttt_jax/data/toy_text.py's objective, the
-    pretraining a real T5 has had (README, "Drawing the characters", has what it changes);
+  * the tokenizer: a word-level sentencepiece model of a fixed corpus holding every word the
+    stories write (toy_toons.vocabulary_texts);
+  * the text encoder: a T5 v1.1 encoder trained first on ttt_jax/data/toy_text.py's objective
+    (`text.pretrain`), standing in for the pretraining a real T5 has had, then frozen for the
+    DiT's stages, as the paper freezes its T5. `text.pretrain.steps=0` keeps it random: a fixed
+    featuriser the DiT's text projection learns to read, with which stage 1 drew the room and the
+    characters less often (README, "Drawing the characters");
   * the autoencoder: a linear patch autoencoder fitted by PCA (closed form) to training frames,
     not the CogVideoX VAE (ttt_jax/models/pixel_vae.py has the measurements behind that choice);
   * the DiT: trained, five stages, 3 -> 9 -> 18 -> 30 -> 63 s, each from the previous one's
@@ -116,7 +117,8 @@ def _stories(dataset, split: str):
 
 
 def build_text_encoder(config, workdir: str, datasets) -> tuple[str, str]:
-  """(tokenizer path, T5 directory); trained tokenizer, frozen random T5."""
+  """(tokenizer path, T5 directory): the trained tokenizer and the T5 the DiT reads (frozen there;
+  trained first on toy_text.py's objective when config.text.pretrain.steps > 0)."""
   import sentencepiece  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
