@@ -308,6 +308,9 @@ def vocabulary_texts() -> list[str]:
                     SHAPES[(k + d) % len(SHAPES)]) for d in (0, 1))
       story = Story(seed=0, fps=16, height=32, width=48, room=room, floor=floor,
                     characters=characters, actions=actions,
+                    # Starts for the place words only (this corpus is never rendered): the
+                    # first character steps through the thirds across and down, so every place
+                    # word is written. Changing them renumbers the words, and so every model.
                     starts=tuple(((3 * (a % 3) * 8, 12 * (a // 3)), (0, 0))
                                  for a in range(len(actions))),
                     scene_start=(True,) * len(actions))
