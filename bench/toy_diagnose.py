@@ -386,10 +386,7 @@ def main() -> None:
   parser.add_argument("--scales", type=float, nargs="*", default=[1.0, 3.0],
                       help="guidance: the guidance scales to sample at")
   args = parser.parse_args()
-  # tfds prints, and toy_job's log lines go to the terminal it saw at import: stdout carries the
-  # JSON only.
-  toy_job._TERMINAL = sys.stderr  # pylint: disable=protected-access
-  with contextlib.redirect_stdout(sys.stderr):
+  with contextlib.redirect_stdout(sys.stderr):  # tfds and toy_job print; stdout: the JSON only
     modes = {"x0": x0_error, "guidance": guidance, "memory": memory, "stage2": stage2}
     result = (modes[args.mode](args) if args.mode in modes
               else stage1(args, args.mode == "overfit"))

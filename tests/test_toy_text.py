@@ -27,7 +27,6 @@ def test_labels_mark_each_name_token_with_its_character(tokenizer):
   examples = toy_text.story_examples(story)
   ids, targets = toy_text.labels(tokenizer, examples)
   assert ids.shape == (3, 48) and targets.shape == (3, 48, 6)
-  g = toy_toons.geometry(story.height, story.width)
   pieces = [[tokenizer.decode([int(t)]).strip() for t in row] for row in ids]
   for seg, (row, labels) in enumerate(zip(pieces, targets)):
     names = [c.name for c in story.characters]
@@ -47,7 +46,7 @@ def test_labels_mark_each_name_token_with_its_character(tokenizer):
         continue
       c = story.characters[names.index(piece)]
       action = story.actions[seg][names.index(piece)]
-      place = toy_toons.place_word(*story.starts[seg][names.index(piece)], g)
+      place = story.places[seg][names.index(piece)]
       want_color = toy_text.COLORS.index(c.color) if seg == 0 else len(toy_text.COLORS)
       want_shape = toy_text.SHAPES.index(c.shape) if seg == 0 else len(toy_text.SHAPES)
       assert labels[col, :toy_text.NAME_HEADS].tolist() == [

@@ -51,10 +51,16 @@ def stage_configs(config: ml_collections.ConfigDict) -> list[tuple[int, Any]]:
 
 def _log(message: str) -> None:
   logging.info(message)
-  print(f"[toy] {message}", file=_TERMINAL, flush=True)
+  print(f"[toy] {message}", file=_terminal(), flush=True)
 
 
-_TERMINAL = sys.stdout  # where _log and the progress bars write while stdout goes to the log
+# Where _log and the progress bars write while logs_to_file sends stdout to the log; None
+# outside it: whatever sys.stdout is at the time, so a caller's redirect_stdout holds for them.
+_TERMINAL = None
+
+
+def _terminal():
+  return _TERMINAL or sys.stdout
 
 
 @contextlib.contextmanager
@@ -260,7 +266,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       encoded = f"encoded {datasets[seconds].info.splits['train'].num_examples} videos, "
     stage.data.latents = latents
     stage.init_from = previous
-    with tqdm.tqdm(desc=f"[toy] {stage.stage}", total=int(stage.train.steps), file=_TERMINAL,
+    with tqdm.tqdm(desc=f"[toy] {stage.stage}", total=int(stage.train.steps), file=_terminal(),
                    dynamic_ncols=True, leave=False) as bar:
       out = training.train(stage, os.path.join(workdir, "stages", stage.stage), mesh=_mesh(stage),
                            on_step=lambda step, total, m: _advance(bar, step, m))

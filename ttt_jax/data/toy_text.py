@@ -42,16 +42,15 @@ Example = tuple[str, dict[str, tuple[int, int, int, int]], tuple[int, int]]
 def story_examples(story: toy_toons.Story) -> list[Example]:
   """Per segment: the text as the pipeline encodes it (`segment_text`) and its class ids."""
   out = []
-  g = toy_toons.geometry(story.height, story.width)
-  for i, (text, actions, starts) in enumerate(zip(toy_toons.story_texts(story), story.actions,
-                                                  story.starts)):
+  for i, (text, actions, places) in enumerate(zip(toy_toons.story_texts(story), story.actions,
+                                                  story.places)):
     stated = i == 0  # only segment 1's text states the looks
     targets = {}
-    for character, action, (x, y) in zip(story.characters, actions, starts):
+    for character, action, place in zip(story.characters, actions, places):
       targets[character.name] = (COLORS.index(character.color) if stated else len(COLORS),
                                  SHAPES.index(character.shape) if stated else len(SHAPES),
                                  ACTIONS.index(action),
-                                 PLACES.index(toy_toons.place_word(x, y, g)))
+                                 PLACES.index(place))
     room = ((ROOMS.index(story.room), FLOORS.index(story.floor)) if stated
             else (len(ROOMS), len(FLOORS)))
     out.append((segment_text(text, story.scene_start[i], story.scene_end[i]), targets, room))

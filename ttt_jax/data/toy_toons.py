@@ -118,6 +118,12 @@ class Story:
   def facts(self) -> Facts:
     return Facts(self.room, self.floor, self.characters)
 
+  @property
+  def places(self) -> tuple[tuple[str, ...], ...]:
+    """[segments][characters] PLACES word of where each character starts each segment."""
+    g = geometry(self.height, self.width)
+    return tuple(tuple(place_word(x, y, g) for x, y in seg) for seg in self.starts)
+
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
@@ -276,10 +282,8 @@ def story_texts(story: Story) -> list[str]:
   places, a faint smear, instead of a sprite.
   """
   chars = story.characters
-  g = geometry(story.height, story.width)
   texts = []
-  for i, (actions, starts) in enumerate(zip(story.actions, story.starts)):
-    places = [place_word(x, y, g) for x, y in starts]
+  for i, (actions, places) in enumerate(zip(story.actions, story.places)):
     sentences = [f"{c.name} in the {p} {a}." for c, p, a in zip(chars, places, actions)]
     if i == 0:
       looks = [f"{c.name} is a {c.color} {c.shape}" for c in chars]
