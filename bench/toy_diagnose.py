@@ -6,6 +6,7 @@
   python bench/toy_diagnose.py guidance --workdir=runs/toy [--scales 1 3]
   python bench/toy_diagnose.py memory --workdir=runs/toy
   python bench/toy_diagnose.py stage2 --workdir=/tmp/d/s2 --from_run=runs/toy [--fresh_mixer]
+  python bench/toy_diagnose.py decoder --workdir=runs/toy [--eval 6] [--decoder_steps 1500]
 
 stage1: configs/toy.py's 3 s stage alone (data, tokenizer, text encoder, autoencoder, precompute,
 training; `--images`: configs/toy.py:images's image and 3 s stages), with `--set key=value`
@@ -39,6 +40,12 @@ curve, and the memory gap: on 12 held-out 9 s stories, the v-loss on segments 2-
 when segment 1's text is another story's minus when it is the story's own, at t = 990 ... 800
 (0 when nothing crosses from segment 1; "seg1" is the same on segment 1, what knowing the facts
 is worth there).
+decoder: is the linear decoder what loses the characters? Trains a convolutional decoder on the
+run's autoencoder latents of 96 training stories (the two keyframes around a frame and its phase
+between them -> the frame, a correction added to the linear decode; latents noised by sigma ~
+U(0, --decoder_sigma) in whitened units, L1 loss), then decodes the same sampled latents of
+`--eval` held-out 63 s storyboards (the run's last stage, its sampling config and seed) both
+ways, and the stories' own latents both ways, and scores all four.
 
 One JSON object on stdout. Runs on a CPU: the default stage1 run takes a few minutes.
 """
@@ -47,6 +54,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -364,9 +372,140 @@ def memory(args) -> dict:
   return out
 
 
+def _conv(x, w, b):
+  import jax
+  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+
+
+def _decoder_init(key, channels: int, width: int = 96, hi: int = 24, patch: int = 4) -> dict:
+  import jax
+  ks = jax.random.split(key, 6)
+  he = lambda k, side, i, o, s=1.0: (s * jax.random.normal(k, (side, side, i, o))
+                                     * (2 / (side * side * i)) ** 0.5, np.zeros(o, np.float32))
+  return {"c1": he(ks[0], 3, 2 * channels + 1, width), "c2": he(ks[1], 3, width, width),
+          "c3": he(ks[2], 3, width, width), "up": he(ks[3], 1, width, patch * patch * hi),
+          "h1": he(ks[4], 3, hi, hi), "h2": he(ks[5], 3, hi, 3, 0.1)}
+
+
+def _decoder_apply(params, before, after, phase, linear):
+  """before, after [B, h, w, C]: the keyframe latents around each frame; phase [B] in [0, 1];
+  linear [B, H, W, 3]: their linear decode, blended -> frames [B, H, W, 3]."""
+  import jax
+  import jax.numpy as jnp
+
+  from ttt_jax.models.pixel_vae import from_blocks
+  b, h, w, _ = before.shape
+  x = jnp.concatenate([before, after, jnp.broadcast_to(phase[:, None, None, None], (b, h, w, 1))],
+                      -1)
+  x = jax.nn.gelu(_conv(x, *params["c1"]))
+  x = x + jax.nn.gelu(_conv(x, *params["c2"]))
+  x = x + jax.nn.gelu(_conv(x, *params["c3"]))
+  x = _conv(x, *params["up"])
+  x = jax.nn.gelu(_conv(from_blocks(x, 4, x.shape[-1] // 16), *params["h1"]))
+  return linear + _conv(x, *params["h2"])
+
+
+def _keyframe_pairs(latents: np.ndarray, ratio: int = 4):
+  """[F, h, w, C] keyframe latents -> (before, after, phase) of each of the 1 + ratio (F - 1)
+  frames, as PixelVAE.decode blends them."""
+  frames = len(latents)
+  before = [0] + [k for k in range(frames - 1) for _ in range(ratio)]
+  after = [0] + [k + 1 for k in range(frames - 1) for _ in range(ratio)]
+  phase = [0.0] + [j / ratio for _ in range(frames - 1) for j in range(1, ratio + 1)]
+  return latents[before], latents[after], np.array(phase, np.float32)
+
+
+def decoder(args) -> dict:
+  """A trained conv decoder against the linear one, on sampled and on true latents."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from configs import saved
+  from ttt_jax import evaluate
+  from ttt_jax.data.storyboard import parse_storyboard
+  from ttt_jax.data.video_io import to_uint8
+  from ttt_jax.models import pixel_vae
+  workdir = os.path.abspath(args.workdir)
+  with open(os.path.join(workdir, "vae", "config.json")) as f:
+    vae = pixel_vae.PixelVAE(pixel_vae.PixelVAEConfig.from_dict(json.load(f)))
+
+  def blend(before, after, phase):
+    keys = [vae.decode(z[:, None])[:, 0] for z in (before, after)]
+    return keys[0] * (1 - phase[:, None, None, None]) + keys[1] * phase[:, None, None, None]
+
+  videos = np.stack([toy_toons.render(toy_toons.generate_story(
+      builder.story_seed(0, "train", i), 3)) for i in range(96)]).astype(np.float32) / 127.5 - 1
+  pairs = [_keyframe_pairs(z) for z in np.asarray(vae.encode(jnp.asarray(videos))[0])]
+  before, after, phase = (np.concatenate(p) for p in zip(*pairs))
+  target = videos.reshape(-1, *videos.shape[2:])
+  params = _decoder_init(jax.random.key(0), before.shape[-1])
+  opt = optax.adam(optax.cosine_decay_schedule(2e-3, args.decoder_steps))
+
+  @jax.jit
+  def step(params, opt_state, before, after, phase, target, key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    sigma = args.decoder_sigma * jax.random.uniform(k1, (len(before), 1, 1, 1))
+    before = before + sigma * jax.random.normal(k2, before.shape)
+    after = after + sigma * jax.random.normal(k3, after.shape)
+    linear = blend(before, after, phase)
+    loss = lambda p: jnp.mean(jnp.abs(_decoder_apply(p, before, after, phase, linear) - target))
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  rng, key, start = np.random.default_rng(0), jax.random.key(1), time.perf_counter()
+  opt_state, losses = opt.init(params), []
+  for _ in range(args.decoder_steps):
+    i = rng.integers(0, len(target), 32)
+    key, sub = jax.random.split(key)
+    params, opt_state, loss = step(params, opt_state, before[i], after[i], phase[i], target[i],
+                                   sub)
+    losses.append(float(loss))
+  trained = time.perf_counter() - start
+  apply = jax.jit(functools.partial(_decoder_apply, params))
+
+  def conv_decode(latents):  # [F, h, w, C] -> uint8 video
+    b, a, p = (jnp.asarray(x) for x in _keyframe_pairs(latents))
+    return to_uint8(np.clip(np.concatenate([
+        np.asarray(apply(b[i:i + 128], a[i:i + 128], p[i:i + 128], blend(
+            b[i:i + 128], a[i:i + 128], p[i:i + 128]))) for i in range(0, len(b), 128)]), -1, 1))
+
+  def scores(video, story):
+    p = toy_metrics.persistence_score(video, story)
+    return dict(persistence=p["overall"], room=p["room_later"], colours=p["color_later"],
+                shapes=p["shape_later"], segment_1_colours=p["color"][0],
+                text_following=toy_metrics.text_following_score(video, story)["mean"],
+                **toy_metrics.frame_statistics(video))
+
+  stage_dir = evaluate.last_stage(workdir)
+  config = saved.get_config(stage_dir)
+  sampler = sample.Sampler(config, os.path.join(stage_dir, "model"))
+  rows = {k: [] for k in ("sampled_linear", "sampled_conv", "story_linear", "story_conv")}
+  for name, story in evaluate.held_out_stories(workdir, config, args.eval):
+    sampled = sampler.generate(parse_storyboard(toy_toons.story_to_storyboard(story), name),
+                               config.seed, progress=False)[0].transpose(0, 2, 3, 1)
+    rendered = toy_toons.render(story).astype(np.float32)[None] / 127.5 - 1
+    true = np.asarray(vae.encode(jnp.asarray(rendered))[0][0])
+    for source, latents in (("sampled", sampled), ("story", true)):
+      rows[f"{source}_linear"].append(scores(to_uint8(np.asarray(
+          vae.decode(jnp.asarray(latents)[None])[0])), story))
+      rows[f"{source}_conv"].append(scores(conv_decode(latents), story))
+  k = len(losses) // 8
+  return dict(decoder_seconds=round(trained, 1), decoder_steps=args.decoder_steps,
+              decoder_sigma=args.decoder_sigma,
+              decoder_loss=[round(float(np.mean(losses[i:i + k])), 4)
+                            for i in range(0, len(losses), k)],
+              storyboards=args.eval,
+              **{name: {m: round(float(np.mean([r[m] for r in rs])), 4) for m in rs[0]}
+                 for name, rs in rows.items()})
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("mode", choices=("stage1", "overfit", "x0", "guidance", "memory", "stage2"))
+  parser.add_argument("mode", choices=("stage1", "overfit", "x0", "guidance", "memory", "stage2",
+                                       "decoder"))
   parser.add_argument("--workdir", required=True)
   # "extend": a repeated flag adds to the list (with nargs="*" alone the last one wins, silently).
   parser.add_argument("--set", nargs="*", action="extend", default=[],
@@ -385,9 +524,13 @@ def main() -> None:
   parser.add_argument("--stories", type=int, default=256, help="stage2: training stories")
   parser.add_argument("--scales", type=float, nargs="*", default=[1.0, 3.0],
                       help="guidance: the guidance scales to sample at")
+  parser.add_argument("--decoder_steps", type=int, default=1500, help="decoder: training steps")
+  parser.add_argument("--decoder_sigma", type=float, default=1.0,
+                      help="decoder: the largest latent noise std it trains on")
   args = parser.parse_args()
   with contextlib.redirect_stdout(sys.stderr):  # tfds and toy_job print; stdout: the JSON only
-    modes = {"x0": x0_error, "guidance": guidance, "memory": memory, "stage2": stage2}
+    modes = {"x0": x0_error, "guidance": guidance, "memory": memory, "stage2": stage2,
+             "decoder": decoder}
     result = (modes[args.mode](args) if args.mode in modes
               else stage1(args, args.mode == "overfit"))
   print(json.dumps(result))
