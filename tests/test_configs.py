@@ -222,10 +222,7 @@ def test_toy_image_stage_is_the_3s_stage_on_single_keyframes(arg):
   default = toy.get_config(arg.replace("images", "images=False"))
   toy = toy.get_config(arg)
   assert "images" not in default.stages
-  if "runlocal" not in arg:  # the image stage takes half the 3 s stage's steps
-    assert toy.stages.s3.train.steps == default.stages.s3.train.steps // 2
-  for key in ("steps", "checkpoint_every"):
-    toy.stages.s3.train[key] = default.stages.s3.train[key]
+  # The image stage is added before the 3 s stage, which is the same with or without it.
   assert toy.stages.s3.to_dict() == default.stages.s3.to_dict()
   images, clips = toy.stages.images.to_dict(), toy.stages.s3.to_dict()
   assert (images["data"].pop("crop_frames"), clips["data"].pop("crop_frames")) == (1, 0)
