@@ -165,6 +165,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       {f"s{s}": _toy_stage(s, runlocal, long) for s in STAGES})
   if images:
     c.stages.images = _toy_images(runlocal, long)
+  for stage in c.stages.values():
+    # One seed for the job: `--config.seed=1` must reach the DiT's initialisation, the data order
+    # and the noise of every stage, not only the text encoder's (it used to reach only that).
+    stage.seed = c.get_ref("seed")
   for seconds in STAGES:
     stage = c.stages[f"s{seconds}"]
     if seconds == 3:  # the backbone has no mixer, whatever the later stages use

@@ -250,3 +250,12 @@ def test_toy_long_is_the_default_job_trained_longer():
   assert default.vae.normalize == "channel"
   assert default.stages.s3.model.use_learned_positional_embeddings
   assert default.stages.s3.model.num_heads * default.stages.s3.model.head_dim == 128
+
+
+def test_toy_seed_reaches_every_stage():
+  """`--config.seed=N` seeds every stage's DiT, data order and noise, not only the text encoder."""
+  from ml_collections.config_flags import config_path  # pylint: disable=g-import-not-at-top
+  toy = importlib.import_module("configs.toy").get_config("images")
+  config_path.set_value("seed", toy, 3)  # what the command line's --config.seed=3 does
+  assert {stage.seed for stage in toy.stages.values()} == {3}
+  assert {stage.to_dict()["seed"] for stage in toy.stages.values()} == {3}  # config.json's
