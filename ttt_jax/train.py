@@ -27,6 +27,8 @@ def main(argv):
   """Runs the config's toy job or its one stage (printing its summary as one JSON line)."""
   del argv
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if config.get("pipeline"):  # the toy job: data parallel over the host's cores on a CPU
+    toy_job.split_host_cpu(config.toy.get("cpu_devices", 0))
   if flags.FLAGS.distributed:  # multi-host (TPU pod, multi-node GPU): before any device use
     ids = flags.FLAGS.local_device_ids
     jax.distributed.initialize(local_device_ids=[int(i) for i in ids] if ids else None)
