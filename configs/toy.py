@@ -33,7 +33,8 @@ learns to remember", has the measurements):
     t >= 950, which keeps the memory path learning as the videos grow;
   * the 18 s stage at 300 steps: after `:images`' stage 1, three times its 100 kept the room in
     the later segments of 12 held-out minutes 0.90 of the time against 0.65, persistence 0.413
-    against 0.314 (README, "Memory needs steps");
+    against 0.314; without it (the job), 12 held-out minutes score 0.298 against 0.224 (README,
+    "Memory needs steps");
   * the 30 s and 63 s stages at lr 3e-4: their few samples at 1e-3 undid the 18 s stage's memory;
 `:runlocal` shrinks it further for the tests; `:mixer=NAME` swaps the sequence mixer; `:images`
 trains the 3 s stage's backbone on single keyframes first (IMAGES below).
