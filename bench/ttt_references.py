@@ -247,7 +247,8 @@ def _matmul_bound(args):
     nxt = lambda a, last: jnp.concatenate([a[1:], last[None]])
     zeros = (jnp.zeros_like(w1), jnp.zeros_like(w2))
     (dw1, dw2), grads = jax.lax.scan(
-        functools.partial(back, eta), zeros, (res, (q, k, ke), (nxt(res[0], w1n), nxt(res[1], w2n))), reverse=True)
+        functools.partial(back, eta), zeros,
+        (res, (q, k, ke), (nxt(res[0], w1n), nxt(res[1], w2n))), reverse=True)
     return (*grads, dw1, dw2)
 
   eta = jnp.float32(0.1 / d / b)

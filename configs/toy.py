@@ -175,6 +175,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   for stage in c.stages.values():
     # One seed for the job: `--config.seed=1` must reach the DiT's initialisation, the data order
     # and the noise of every stage, not only the text encoder's (it used to reach only that).
+    # A shared reference: setting any stage's seed sets the job's and every other stage's.
     stage.seed = c.get_ref("seed")
   for seconds in STAGES:
     stage = c.stages[f"s{seconds}"]

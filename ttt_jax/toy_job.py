@@ -423,7 +423,7 @@ def split_host_cpu(count: int = 0) -> int:
 
   Why: one CPU device runs a step's many small ops mostly one at a time. Split over two devices on
   this 2-core machine, a 9 s TTT-MLP step (batch 4) takes 0.40 s against 0.76, with the same
-  losses to 1e-7 (README, "The toy main job"). It does nothing where XLA_FLAGS already sets the
+  losses to 1e-7 (README, "Two CPU devices"). It does nothing where XLA_FLAGS already sets the
   count (the tests' 8 devices), once a backend is up, or where the job runs on an accelerator
   (the CPU devices then go unused).
   """
