@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import sentencepiece
 from flax import nnx
@@ -91,6 +92,54 @@ def test_pretrain_learns_the_binding_and_keeps_the_encoder_shape(tokenizer):
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(after),
                                                    jax.tree.leaves(before)))
   assert model(jnp.asarray(ids[:2])).shape == (2, 48, 32)
+
+
+def _naive_pretrain(model, ids, targets, *, steps, batch_size, lr, seed):
+  """The objective one nnx.Optimizer step at a time, the heads built as `pretrain` builds them."""
+  rngs = nnx.Rngs(seed)
+  heads = nnx.List([nnx.Linear(model.config.d_model, k, rngs=rngs)
+                    for k in toy_text.NUM_CLASSES])
+  both = nnx.List([model, heads])
+  optimizer = nnx.Optimizer(both, optax.adam(optax.cosine_decay_schedule(lr, steps)),
+                            wrt=nnx.Param)
+  rng = np.random.default_rng(seed)
+  losses = []
+  for _ in range(steps):
+    pick = rng.integers(0, len(ids), batch_size)
+
+    def loss_fn(both):
+      model, heads = both
+      h = model(jnp.asarray(ids[pick]))
+      per_head = []
+      for k, head in enumerate(heads):
+        t = jnp.asarray(targets[pick][..., k])
+        logp = jax.nn.log_softmax(head(h), -1)
+        ce = -jnp.take_along_axis(logp, jnp.maximum(t, 0)[..., None], -1)[..., 0]
+        per_head.append(jnp.sum(jnp.where(t >= 0, ce, 0.0)) / jnp.maximum(jnp.sum(t >= 0), 1))
+      return sum(per_head) / len(per_head)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(both)
+    optimizer.update(both, grads)
+    losses.append(float(loss))
+  return losses
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 4])
+def test_pretrain_matches_a_step_at_a_time(tokenizer, steps_per_call):
+  """The scanned calls (10 steps: 4 + 4 + 2 with a remainder) train what one optimizer step at
+  a time does, on the same rows."""
+  config = T5Config(vocab_size=tokenizer.vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                    num_heads=4, relative_attention_num_buckets=32,
+                    relative_attention_max_distance=32)
+  ids, targets = toy_text.story_labels(tokenizer, range(20), 2)
+  fast, naive = T5Encoder(config, rngs=nnx.Rngs(0)), T5Encoder(config, rngs=nnx.Rngs(0))
+  out = toy_text.pretrain(fast, ids, targets, steps=10, batch_size=4, lr=3e-3, seed=3,
+                          steps_per_call=steps_per_call)
+  losses = _naive_pretrain(naive, ids, targets, steps=10, batch_size=4, lr=3e-3, seed=3)
+  np.testing.assert_allclose(out["loss"], losses, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(nnx.state(fast, nnx.Param)),
+                  jax.tree.leaves(nnx.state(naive, nnx.Param))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_pretrain_rejects_bad_arguments(tokenizer):
