@@ -7,6 +7,7 @@
   python bench/toy_diagnose.py memory --workdir=runs/toy
   python bench/toy_diagnose.py stage2 --workdir=/tmp/d/s2 --from_run=runs/toy [--fresh_mixer]
   python bench/toy_diagnose.py decoder --workdir=runs/toy [--eval 6] [--decoder_steps 1500]
+  python bench/toy_diagnose.py facts --workdir=runs/toy [--stage toy_9s]
 
 stage1: configs/toy.py's 3 s stage alone (data, tokenizer, text encoder, autoencoder, precompute,
 training; `--images`: configs/toy.py:images's image and 3 s stages), with `--set key=value`
@@ -46,6 +47,15 @@ between them -> the frame, a correction added to the linear decode; latents nois
 U(0, --decoder_sigma) in whitened units, L1 loss), then decodes the same sampled latents of
 `--eval` held-out 63 s storyboards (the run's last stage, its sampling config and seed) both
 ways, and the stories' own latents both ways, and scores all four.
+
+facts: which of segment 1's facts the memory path carries. On 8 held-out 9 s stories, at t = 999
+(pure noise: a later segment's facts can only come from segment 1's text), the model's x0
+prediction is decoded twice, with segment 1's text stating one fact two ways (the floor black or
+brown, the wall blue or gray, the first character's colour its own or an unused one), and the
+difference of the two decodes' median colour over the fact's pixels (the floor band, the top
+rows, the character's box at its stated start), projected on the difference of the two palette
+colours, is reported per segment: 1 when the fact is fully drawn as stated, 0 when nothing of
+it reaches that segment.
 
 One JSON object on stdout. Runs on a CPU: the default stage1 run takes a few minutes.
 """
@@ -372,6 +382,73 @@ def memory(args) -> dict:
   return out
 
 
+def facts(args) -> dict:
+  """Share of a segment-1 fact's colour change that reaches each segment (module docstring)."""
+  import jax
+  import jax.numpy as jnp
+
+  from configs import saved
+  from ttt_jax import diffusion
+  from ttt_jax.data.storyboard import Segment, segment_prompts
+  workdir = os.path.abspath(args.workdir)
+  names = ([args.stage] if args.stage else
+           sorted((n for n in os.listdir(os.path.join(workdir, "stages")) if n != "toy_3s"),
+                  key=lambda s: int(s.split("_")[1][:-1])))
+  out = {}
+  for name in names:
+    stage_dir = os.path.join(workdir, "stages", name)
+    sampler = sample.Sampler(saved.get_config(stage_dir), os.path.join(stage_dir, "model"))
+    schedule = diffusion.make_schedule(**sampler.config.diffusion)
+    dit = jax.jit(lambda x, text, t: sampler.dit(x, text, t))
+    t = jnp.full((1,), 999, jnp.int32)
+    per_fact = {"floor": [], "wall": [], "character": []}
+    for i in range(8):
+      story = toy_toons.generate_story(2 * 10**7 + i, 3, sampler.config.fps,
+                                       sampler.config.height, sampler.config.width)
+      texts = toy_toons.story_texts(story)
+      g = toy_toons.geometry(story.height, story.width)
+      first = story.characters[0]
+      unused = next(c for c in toy_toons.CHARACTER_COLORS
+                    if c not in {ch.color for ch in story.characters})
+      swaps = {  # fact: (palette, the two values, the text's word pattern, pixel rows, columns)
+          "floor": (toy_toons.FLOOR_COLORS, ("black", "brown"), "{} floor",
+                    lambda k: (slice(story.height - g.floor // 2, None), slice(None))),
+          "wall": (toy_toons.ROOM_COLORS, ("blue", "gray"), "{} room",
+                   lambda k: (slice(0, g.floor), slice(None))),
+          # The character's box at its stated start of segment k, inset from the edges.
+          "character": (toy_toons.CHARACTER_COLORS, (first.color, unused),
+                        f"{first.name} is a {{}}",
+                        lambda k: (slice(story.starts[k][0][1] + 2,
+                                         story.starts[k][0][1] + g.sprite - 2),
+                                   slice(story.starts[k][0][0] + 2,
+                                         story.starts[k][0][0] + g.sprite - 2)))}
+      noise = jax.random.normal(jax.random.key(i), sampler.latent_shape(story.segments))
+      for fact, (palette, values, pattern, region) in swaps.items():
+        stated = {"floor": story.floor, "wall": story.room, "character": first.color}[fact]
+        decoded = []
+        for value in values:
+          text = texts[0].replace(pattern.format(stated), pattern.format(value))
+          if value != stated and text == texts[0]:
+            raise ValueError(f"story {i}: {pattern.format(stated)!r} not in {texts[0]!r}")
+          emb = sampler.encode_text(segment_prompts(
+              [Segment(s, c) for s, c in zip([text] + texts[1:], story.scene_start)])[0])
+          x0 = diffusion.x0_from_v(schedule, noise, dit(noise, emb, t.astype(jnp.float32)), t)
+          decoded.append((sampler.decode(np.asarray(x0)) + 1) * 127.5)
+        direction = np.subtract(palette[values[1]], palette[values[0]], dtype=np.float64)
+        per = toy_toons.frames_per_segment(story.fps)
+        shares = []
+        for k in range(story.segments):
+          frames = slice(1 + k * per, 1 + (k + 1) * per)
+          if fact == "character":  # it moves: the first quarter of the segment, near its start
+            frames = slice(1 + k * per, 1 + k * per + per // 4)
+          rows, cols = region(k)
+          medians = [np.median(d[frames, rows, cols].reshape(-1, 3), 0) for d in decoded]
+          shares.append(float((medians[1] - medians[0]) @ direction / (direction @ direction)))
+        per_fact[fact].append(shares)
+    out[name] = {fact: np.round(np.mean(v, 0), 3).tolist() for fact, v in per_fact.items()}
+  return out
+
+
 def _conv(x, w, b):
   import jax
   return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
@@ -505,7 +582,7 @@ def decoder(args) -> dict:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("mode", choices=("stage1", "overfit", "x0", "guidance", "memory", "stage2",
-                                       "decoder"))
+                                       "decoder", "facts"))
   parser.add_argument("--workdir", required=True)
   # "extend": a repeated flag adds to the list (with nargs="*" alone the last one wins, silently).
   parser.add_argument("--set", nargs="*", action="extend", default=[],
@@ -525,12 +602,13 @@ def main() -> None:
   parser.add_argument("--scales", type=float, nargs="*", default=[1.0, 3.0],
                       help="guidance: the guidance scales to sample at")
   parser.add_argument("--decoder_steps", type=int, default=1500, help="decoder: training steps")
+  parser.add_argument("--stage", help="facts: one stage (default: each with a mixer)")
   parser.add_argument("--decoder_sigma", type=float, default=1.0,
                       help="decoder: the largest latent noise std it trains on")
   args = parser.parse_args()
   with contextlib.redirect_stdout(sys.stderr):  # tfds and toy_job print; stdout: the JSON only
     modes = {"x0": x0_error, "guidance": guidance, "memory": memory, "stage2": stage2,
-             "decoder": decoder}
+             "decoder": decoder, "facts": facts}
     result = (modes[args.mode](args) if args.mode in modes
               else stage1(args, args.mode == "overfit"))
   print(json.dumps(result))

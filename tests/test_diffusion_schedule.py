@@ -126,6 +126,25 @@ def test_v_prediction_loss_is_zero_for_exact_v_and_rejects_unknown_weighting():
     sch.v_prediction_loss(schedule, v, x0, noise, t, weighting="min_snr")
 
 
+def test_channel_weights_weight_each_latent_channel_and_check_their_shape():
+  schedule = sch.make_schedule()
+  rng = np.random.default_rng(2)
+  x0, noise, v_pred = (rng.standard_normal((2, 3, 4, 2, 5)).astype(np.float32) for _ in range(3))
+  t = np.array([100, 960], np.int32)
+  w = np.array([4.0, 1.0, 0.5, 0.25], np.float32)
+  loss = float(sch.v_prediction_loss(schedule, v_pred, x0, noise, t, weighting="none",
+                                     channel_weights=w))
+  # A loop over examples and channels, in float64.
+  a = np.asarray(schedule.alphas_cumprod, np.float64)[t]
+  x_t = np.sqrt(a)[:, None, None, None, None] * x0 + np.sqrt(1 - a)[:, None, None, None, None] * noise
+  pred = np.sqrt(a)[:, None, None, None, None] * x_t - np.sqrt(1 - a)[:, None, None, None, None] * v_pred
+  per_example = [sum(w[c] * np.sum((pred[b, :, c] - x0[b, :, c]) ** 2) for c in range(4))
+                 / x0[b].size for b in range(2)]
+  assert loss == pytest.approx(np.mean(per_example), rel=1e-5)
+  with pytest.raises(ValueError, match="one weight per channel"):
+    sch.v_prediction_loss(schedule, v_pred, x0, noise, t, channel_weights=w[:3])
+
+
 def test_schedule_is_a_pytree_usable_under_jit():
   schedule = sch.make_schedule()
   leaves = jax.tree.leaves(schedule)

@@ -105,6 +105,32 @@ def test_texts_say_where_each_character_starts_its_segment():
   assert seen == set(toy.PLACES)
 
 
+@pytest.mark.parametrize("height,width", [(32, 48), (64, 96)])
+def test_each_place_word_names_one_point(height, width):
+  """Across stories, a place word always puts the sprite's box at the same pixels, and a move
+  ends on another such point (the next segment's start), one lattice step away."""
+  frames = features.frames_per_segment(FPS)
+  g = toy.geometry(height, width)
+  boxes = {}
+  for seed in range(40):
+    story = toy.generate_story(seed, 5, height=height, width=width)
+    video = toy.render(story)
+    for seg, (places, starts) in enumerate(zip(story.places, story.starts)):
+      first = seg * frames  # the frame at progress 0 of the segment
+      for c, place, start in zip(story.characters, places, starts):
+        ys, xs = np.nonzero((video[first] == toy.CHARACTER_COLORS[c.color]).all(-1))
+        if story.scene_start[seg] and seg > 0:  # the cut frame is one step in: use the start
+          ys, xs = np.array([start[1]]), np.array([start[0]])
+        box = (int(xs.min()), int(ys.min()))
+        assert boxes.setdefault(place, box) == box, (seed, seg, place, box, boxes[place])
+      for (x0, y0), (x1, y1), a in zip(starts, toy.trajectories(story)[(seg + 1) * frames],
+                                       story.actions[seg]):
+        dx, dy = toy._DIRECTIONS.get(a, (0, 0))  # pylint: disable=protected-access
+        assert (x1 - x0, y1 - y0) == (dx * g.step_x, dy * g.step_y), (seed, seg, a)
+  assert len(boxes) == len(toy.PLACES)
+  assert sorted(boxes.values(), key=lambda b: (b[1], b[0])) == toy.lattice(g)
+
+
 def test_storyboard_round_trip():
   story = toy.generate_story(3, 6)
   segments = storyboard.parse_storyboard(toy.story_to_storyboard(story))

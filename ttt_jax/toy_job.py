@@ -220,7 +220,26 @@ def build_autoencoder(config, workdir: str, datasets) -> str:
 def _with_models(stage, spm: str, t5_dir: str, vae_dir: str):
   stage = ml_collections.ConfigDict(stage.to_dict())
   stage.text.tokenizer, stage.text.checkpoint, stage.vae.checkpoint = spm, t5_dir, vae_dir
+  power = float(stage.train.get("channel_weight_power", 0.0))
+  if power:
+    stage.train.channel_weights = channel_weights(vae_dir, power)
   return stage
+
+
+def channel_weights(vae_dir: str, power: float) -> tuple[float, ...]:
+  """[C] loss weights std_c**power of the fitted autoencoder's whitened channels, mean 1.
+
+  The autoencoder whitens each PCA channel, so an x0 error costs the same in every channel;
+  power 2 makes the loss the pixel-space MSE again (the basis is orthonormal), where the three
+  flat-colour channels carry most of the error.
+  """
+  std = np.asarray(checkpoint.read_json(os.path.join(vae_dir, "config.json")).get("channel_std")
+                   or (), np.float64)
+  if not std.size:
+    raise ValueError(f"train.channel_weight_power={power}: the autoencoder in {vae_dir} has no "
+                     f"per-channel std (vae.normalize='channel' fits one)")
+  w = std ** power
+  return tuple(float(x) for x in w / w.mean())
 
 
 def _read_losses(workdir: str) -> list[float]:

@@ -10,10 +10,11 @@ the frame, and never lets the two sprites touch. The first segment's text states
 
 and later texts only name the characters, where each starts the segment (the third of the frame
 across and down: PLACES) and what it does ("Tom in the centre moves left. Jerry in the east stays
-still."), so a model that draws segment 7 right has to remember segment 1: a small, exactly
-checkable stand-in for the long-range consistency the paper evaluates on Tom and Jerry. Scene cuts
-(about one later segment in three starts a scene) put the characters at new places; room and
-characters persist.
+still."). Sprites start on a 3x3 lattice, one point per place word, and a move ends on the next
+point, so the texts fix every frame. A model that draws segment 7 right has to remember segment
+1: a small, exactly checkable stand-in for the long-range consistency the paper evaluates on Tom
+and Jerry. Scene cuts (about one later segment in three starts a scene) put the characters at
+new places; room and characters persist.
 
 Pure numpy and deterministic in the seed: `generate_story(seed, segments)` then `render(story)`
 -> uint8 [1 + 3*fps*segments, height, width, 3], the video layout of features.py.
@@ -43,7 +44,8 @@ CHARACTER_COLORS = {"red": (250, 70, 70), "green": (70, 220, 70), "yellow": (250
 SHAPES = ("circle", "square", "triangle")
 NAMES = ("Tom", "Jerry", "Spike", "Tyke", "Butch", "Toodles")
 ACTIONS = ("moves left", "moves right", "moves up", "moves down", "jumps", "stays still")
-# Where a sprite starts a segment: the third of the frame, across and down, holding its centre.
+# Where a sprite starts a segment: the third of the frame, across and down, holding its centre;
+# each names one point of `lattice`.
 PLACES = ("northwest", "north", "northeast", "west", "centre", "east", "southwest", "south",
           "southeast")
 # Words that only the first segment's text may contain.
@@ -69,12 +71,36 @@ class Geometry:
 
 
 def geometry(height: int, width: int) -> Geometry:
-  """Sizes scale with the frame: 10 px sprites and 12x8 px moves at 32x48."""
+  """Sizes scale with the frame: 10 px sprites, 16x11 px moves and 8 px jumps at 32x48.
+
+  A move goes from one point of `lattice` to the next, so every segment starts on it.
+  """
   if height < 16 or width < 16:
     raise ValueError(f"toy_toons frames must be at least 16x16, got {height}x{width}")
   q = round(height / 4)
-  return Geometry(height, width, sprite=max(5, round(0.3 * min(height, width))), floor=q,
-                  step_x=round(width / 4), step_y=q, jump=q)
+  sprite = max(5, round(0.3 * min(height, width)))
+  xs, ys = _lattice_axis(width, sprite), _lattice_axis(height, sprite)
+  return Geometry(height, width, sprite=sprite, floor=q, step_x=int(xs[1] - xs[0]),
+                  step_y=int(ys[1] - ys[0]), jump=q)
+
+
+def _lattice_axis(size: int, sprite: int) -> np.ndarray:
+  """int [3]: sprite top-left coordinates that centre it in each third of `size`, kept in frame
+  and evenly spaced."""
+  first = max(0, round(size / 6 - sprite / 2))
+  return first + np.arange(3) * ((size - sprite - 2 * first) // 2)
+
+
+def lattice(g: Geometry) -> list[tuple[int, int]]:
+  """The 9 sprite (x, y) top-lefts a segment can start at, one per PLACES word, in its order.
+
+  Each place word names one point, so a segment's text fixes where its sprites are: with a
+  sprite anywhere in a third of the frame, a model trained on squared error draws the mean over
+  the third, a faint smear the metrics do not find (on 24 held-out 3 s clips the job's stage 1
+  drew the characters' colours in 0.58 of the checks on the lattice, 0.29 off it).
+  """
+  xs, ys = _lattice_axis(g.width, g.sprite), _lattice_axis(g.height, g.sprite)
+  return [(int(x), int(y)) for y in ys for x in xs]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,9 +211,9 @@ def _apart(paths: list[np.ndarray], g: Geometry) -> bool:
 
 
 def _place(rng: np.random.Generator, g: Geometry, count: int) -> list[tuple[int, int]]:
+  points = np.array(lattice(g))
   for _ in range(1000):
-    xy = np.stack([rng.integers(0, g.width - g.sprite + 1, count),
-                   rng.integers(0, g.height - g.sprite + 1, count)], -1)
+    xy = points[rng.choice(len(points), count, replace=False)]
     if _apart([p[None] for p in xy], g):
       return [(int(x), int(y)) for x, y in xy]
   raise ValueError(f"cannot place {count} sprites of {g.sprite} px apart in "

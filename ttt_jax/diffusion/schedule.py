@@ -94,7 +94,7 @@ def eps_from_v(schedule: NoiseSchedule, x_t, v, t) -> jax.Array:
 
 
 def v_prediction_loss(schedule: NoiseSchedule, v_pred, x0, noise, t,
-                      weighting: str = "snr_plus_one") -> jax.Array:
+                      weighting: str = "snr_plus_one", channel_weights=None) -> jax.Array:
   """CogVideoX's fine-tuning loss, a scalar (mean over batch of per-example means).
 
   As in CogVideoX's SAT `VideoDiffusionLoss` and diffusers' examples/cogvideo training scripts,
@@ -107,6 +107,9 @@ def v_prediction_loss(schedule: NoiseSchedule, v_pred, x0, noise, t,
   x0_pred - x0 = -sqrt(1 - a_t) (v_pred - v), this equals the plain v-space MSE; it is written in
   x0 space to follow the reference computation (same rounding). weighting="none": w_t = 1, the
   unweighted x0-space MSE, which down-weights the noisy timesteps by (1 - a_t).
+
+  channel_weights: None, or [C] weights of the latent channels (axis 2 of [B, F, C, h, w]),
+  used as given (so weights of mean 1 keep the loss's scale).
   """
   if weighting == "snr_plus_one":
     weights = 1.0 / (1.0 - jnp.asarray(schedule.alphas_cumprod)[jnp.asarray(t)])
@@ -117,6 +120,12 @@ def v_prediction_loss(schedule: NoiseSchedule, v_pred, x0, noise, t,
   x_t = add_noise(schedule, x0, noise, t)
   x0_pred = x0_from_v(schedule, x_t, v_pred, t)
   sq_err = jnp.square(x0_pred.astype(jnp.float32) - x0.astype(jnp.float32))
+  if channel_weights is not None:
+    w = jnp.asarray(channel_weights, jnp.float32)
+    if sq_err.ndim != 5 or w.shape != (sq_err.shape[2],):
+      raise ValueError(f"channel_weights of shape {w.shape} for latents {sq_err.shape}: expected "
+                       f"one weight per channel of [B, F, C, h, w]")
+    sq_err = sq_err * w[:, None, None]
   per_example = jnp.mean(sq_err.reshape(sq_err.shape[0], -1), axis=1)
   return jnp.mean(weights * per_example)
 

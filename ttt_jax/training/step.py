@@ -56,6 +56,7 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, null_text: 
   train = config.train
   null = jnp.asarray(null_text, jnp.float32)
   weighting = train.get("loss_weighting", "snr_plus_one")
+  channel_weights = train.get("channel_weights") or None
   accum = grad_accum_steps(config, setup.mesh)
   rules = mesh_rules(config)
   grads_abstract = setup.trainable_abstract()
@@ -68,7 +69,7 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, null_text: 
                      text)
     v_pred = model(diffusion.add_noise(schedule, x0, noise, t), text, t)
     return diffusion.v_prediction_loss(schedule, v_pred.astype(jnp.float32), x0, noise, t,
-                                       weighting=weighting)
+                                       weighting=weighting, channel_weights=channel_weights)
 
   # Per stage: stages that resume one another must not replay the same noise and timesteps.
   stage_key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(config.stage.encode()))
