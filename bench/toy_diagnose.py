@@ -220,6 +220,15 @@ def stage2(args) -> dict:
               sample_s=round(time.perf_counter() - trained, 1))
 
 
+def _encode_story(sampler, first: str, story) -> jax.Array:
+  """The story's segment texts with segment 1's replaced by `first`, encoded:
+  [1, segments, max_length, d_model]."""
+  from ttt_jax.data.storyboard import Segment, segment_prompts  # pylint: disable=g-import-not-at-top
+  texts = [first] + toy_toons.story_texts(story)[1:]
+  return sampler.encode_text(segment_prompts(
+      [Segment(t, s) for t, s in zip(texts, story.scene_start)])[0])
+
+
 def memory_gap(stage_dir: str, stories: int = 12, timesteps=(990, 950, 900, 800)) -> dict:
   """What segment 1's text is worth to segments 2-3 (module docstring, stage2): per t, the mean
   v-loss with another story's first text minus with the story's own, on segment 1's frames and
@@ -229,7 +238,6 @@ def memory_gap(stage_dir: str, stories: int = 12, timesteps=(990, 950, 900, 800)
 
   from configs import saved
   from ttt_jax import diffusion
-  from ttt_jax.data.storyboard import Segment, segment_prompts
   sampler = sample.Sampler(saved.get_config(stage_dir), os.path.join(stage_dir, "model"))
   schedule = diffusion.make_schedule(**sampler.config.diffusion)
   frame_batch = sampler.config.vae.frame_batch_size * sampler.vae_config.temporal_compression_ratio
@@ -243,9 +251,7 @@ def memory_gap(stage_dir: str, stories: int = 12, timesteps=(990, 950, 900, 800)
     x0 = (mean * sampler.vae_config.scaling_factor).transpose(0, 1, 4, 2, 3)
     texts = toy_toons.story_texts(story)
     other = toy_toons.story_texts(held_out[(i + 1) % stories])[0]
-    own, swapped = (sampler.encode_text(segment_prompts(
-        [Segment(t, s) for t, s in zip(first + texts[1:], story.scene_start)])[0])
-                    for first in ([texts[0]], [other]))
+    own, swapped = (_encode_story(sampler, first, story) for first in (texts[0], other))
     per = (x0.shape[1] - 1) // 3
     for t in timesteps:
       for draw in range(2):
@@ -389,7 +395,6 @@ def facts(args) -> dict:
 
   from configs import saved
   from ttt_jax import diffusion
-  from ttt_jax.data.storyboard import Segment, segment_prompts
   workdir = os.path.abspath(args.workdir)
   names = ([args.stage] if args.stage else
            sorted((n for n in os.listdir(os.path.join(workdir, "stages")) if n != "toy_3s"),
@@ -410,32 +415,32 @@ def facts(args) -> dict:
       first = story.characters[0]
       unused = next(c for c in toy_toons.CHARACTER_COLORS
                     if c not in {ch.color for ch in story.characters})
-      swaps = {  # fact: (palette, the two values, the text's word pattern, pixel rows, columns)
-          "floor": (toy_toons.FLOOR_COLORS, ("black", "brown"), "{} floor",
+      # fact: (palette, the story's value, the two values stated, the text's word pattern,
+      # segment k -> (pixel rows, columns))
+      swaps = {
+          "floor": (toy_toons.FLOOR_COLORS, story.floor, ("black", "brown"), "{} floor",
                     lambda k: (slice(story.height - g.floor // 2, None), slice(None))),
-          "wall": (toy_toons.ROOM_COLORS, ("blue", "gray"), "{} room",
+          "wall": (toy_toons.ROOM_COLORS, story.room, ("blue", "gray"), "{} room",
                    lambda k: (slice(0, g.floor), slice(None))),
           # The character's box at its stated start of segment k, inset from the edges.
-          "character": (toy_toons.CHARACTER_COLORS, (first.color, unused),
+          "character": (toy_toons.CHARACTER_COLORS, first.color, (first.color, unused),
                         f"{first.name} is a {{}}",
                         lambda k: (slice(story.starts[k][0][1] + 2,
                                          story.starts[k][0][1] + g.sprite - 2),
                                    slice(story.starts[k][0][0] + 2,
                                          story.starts[k][0][0] + g.sprite - 2)))}
       noise = jax.random.normal(jax.random.key(i), sampler.latent_shape(story.segments))
-      for fact, (palette, values, pattern, region) in swaps.items():
-        stated = {"floor": story.floor, "wall": story.room, "character": first.color}[fact]
+      per = toy_toons.frames_per_segment(story.fps)
+      for fact, (palette, stated, values, pattern, region) in swaps.items():
         decoded = []
         for value in values:
           text = texts[0].replace(pattern.format(stated), pattern.format(value))
           if value != stated and text == texts[0]:
             raise ValueError(f"story {i}: {pattern.format(stated)!r} not in {texts[0]!r}")
-          emb = sampler.encode_text(segment_prompts(
-              [Segment(s, c) for s, c in zip([text] + texts[1:], story.scene_start)])[0])
+          emb = _encode_story(sampler, text, story)
           x0 = diffusion.x0_from_v(schedule, noise, dit(noise, emb, t.astype(jnp.float32)), t)
           decoded.append((sampler.decode(np.asarray(x0)) + 1) * 127.5)
         direction = np.subtract(palette[values[1]], palette[values[0]], dtype=np.float64)
-        per = toy_toons.frames_per_segment(story.fps)
         shares = []
         for k in range(story.segments):
           frames = slice(1 + k * per, 1 + (k + 1) * per)
