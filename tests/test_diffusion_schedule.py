@@ -145,6 +145,45 @@ def test_channel_weights_weight_each_latent_channel_and_check_their_shape():
     sch.v_prediction_loss(schedule, v_pred, x0, noise, t, channel_weights=w[:3])
 
 
+def test_foreground_mask_marks_what_differs_from_each_rows_background():
+  rng = np.random.default_rng(3)
+  # [B=2, F=3, C=4, h=5, w=7]: each row one background vector, then objects pasted on.
+  x0 = np.repeat(rng.standard_normal((2, 3, 4, 5, 1)), 7, axis=-1).astype(np.float32)
+  x0 += 1e-4 * rng.standard_normal(x0.shape).astype(np.float32)  # codec-level noise: background
+  truth = np.zeros((2, 3, 5, 7), bool)
+  truth[0, 0, 1:3, 2:5] = truth[1, 2, 4, 0:3] = truth[0, 1, 0, 6] = True
+  truth[1, 0, 2, 0:2] = truth[1, 0, 2, 4:6] = True  # two objects in a row: 4 of its 7 pixels
+  b, f, y, x = np.nonzero(truth)
+  x0[b, f, :, y, x] += 2.0 + 10 * rng.random((len(b), 4)).astype(np.float32)  # all distinct
+  np.testing.assert_array_equal(np.asarray(sch.foreground_mask(x0)), truth)
+
+
+def test_foreground_weight_weights_the_marked_pixels():
+  schedule = sch.make_schedule()
+  rng = np.random.default_rng(4)
+  x0 = np.repeat(rng.standard_normal((2, 3, 4, 5, 1)), 6, axis=-1).astype(np.float32)
+  x0[0, :, :, 1:3, 1:3] += 3.0
+  x0[1, 2, :, 4, 5] -= 3.0
+  noise, v_pred = (rng.standard_normal(x0.shape).astype(np.float32) for _ in range(2))
+  t = np.array([10, 990], np.int32)
+  w = np.array([2.0, 1.0, 0.5, 0.5], np.float32)
+  loss = float(sch.v_prediction_loss(schedule, v_pred, x0, noise, t, weighting="none",
+                                     channel_weights=w, foreground_weight=5.0))
+  a = np.asarray(schedule.alphas_cumprod, np.float64)[t]
+  total = []
+  for b in range(2):  # a loop over every latent element, in float64
+    x_t = np.sqrt(a[b]) * x0[b] + np.sqrt(1 - a[b]) * noise[b]
+    pred = np.sqrt(a[b]) * x_t - np.sqrt(1 - a[b]) * v_pred[b]
+    acc = 0.0
+    for f, c, y, x in np.ndindex(*x0.shape[1:]):
+      fg = (b == 0 and 1 <= y < 3 and 1 <= x < 3) or (b, f, y, x) == (1, 2, 4, 5)
+      acc += w[c] * (6.0 if fg else 1.0) * (pred[f, c, y, x] - x0[b, f, c, y, x]) ** 2
+    total.append(acc / x0[b].size)
+  assert loss == pytest.approx(np.mean(total), rel=1e-5)
+  with pytest.raises(ValueError, match="foreground_weight"):
+    sch.v_prediction_loss(schedule, v_pred, x0, noise, t, foreground_weight=-1.0)
+
+
 def test_schedule_is_a_pytree_usable_under_jit():
   schedule = sch.make_schedule()
   leaves = jax.tree.leaves(schedule)

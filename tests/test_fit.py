@@ -77,6 +77,14 @@ def test_a_batch_that_would_be_replicated_is_refused(batch_size, accum, mesh):
     training.grad_accum_steps(c, mesh_lib.make_mesh(devices=devices, **mesh))
 
 
+def test_a_negative_foreground_weight_is_refused_before_tracing():
+  c = _config(2, 1)
+  c.train.foreground_weight = -1.0
+  # The check comes before anything reads the setup, so none is built.
+  with pytest.raises(ValueError, match=r"^train.foreground_weight=-1.0: expected a weight >= 0"):
+    training.make_train_step(c, None, np.zeros((1, 4), np.float32), None)
+
+
 # ---------------------------------------------------------------------------- remat policies
 
 def test_remat_policies_give_the_same_loss_and_grads_and_order_memory():

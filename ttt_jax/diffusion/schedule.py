@@ -94,7 +94,8 @@ def eps_from_v(schedule: NoiseSchedule, x_t, v, t) -> jax.Array:
 
 
 def v_prediction_loss(schedule: NoiseSchedule, v_pred, x0, noise, t,
-                      weighting: str = "snr_plus_one", channel_weights=None) -> jax.Array:
+                      weighting: str = "snr_plus_one", channel_weights=None,
+                      foreground_weight: float = 0.0) -> jax.Array:
   """CogVideoX's fine-tuning loss, a scalar (mean over batch of per-example means).
 
   As in CogVideoX's SAT `VideoDiffusionLoss` and diffusers' examples/cogvideo training scripts,
@@ -110,6 +111,8 @@ def v_prediction_loss(schedule: NoiseSchedule, v_pred, x0, noise, t,
 
   channel_weights: None, or [C] weights of the latent channels (axis 2 of [B, F, C, h, w]),
   used as given (so weights of mean 1 keep the loss's scale).
+  foreground_weight: lambda >= 0; the error at latent pixels `foreground_mask` marks in x0 costs
+  1 + lambda times as much (flat-background video: what is not the row's background).
   """
   if weighting == "snr_plus_one":
     weights = 1.0 / (1.0 - jnp.asarray(schedule.alphas_cumprod)[jnp.asarray(t)])
@@ -126,8 +129,28 @@ def v_prediction_loss(schedule: NoiseSchedule, v_pred, x0, noise, t,
       raise ValueError(f"channel_weights of shape {w.shape} for latents {sq_err.shape}: expected "
                        f"one weight per channel of [B, F, C, h, w]")
     sq_err = sq_err * w[:, None, None]
+  if foreground_weight:
+    if foreground_weight < 0 or sq_err.ndim != 5:
+      raise ValueError(f"foreground_weight={foreground_weight} for latents {sq_err.shape}: "
+                       f"expected a weight >= 0 and latents [B, F, C, h, w]")
+    fg = foreground_mask(x0)
+    sq_err = sq_err * (1.0 + foreground_weight * fg[:, :, None].astype(jnp.float32))
   per_example = jnp.mean(sq_err.reshape(sq_err.shape[0], -1), axis=1)
   return jnp.mean(weights * per_example)
+
+
+def foreground_mask(x0, tol: float = 0.5) -> jax.Array:
+  """bool [B, F, h, w]: latent pixels of x0 [B, F, C, h, w] that differ from their row's
+  background, the value most pixels of the row share (within `tol`, RMS over channels).
+
+  A flat-colour cartoon's wall and floor encode to one latent per row band, so this marks the
+  sprites (and the pixels their edges touch): small objects a squared error over the whole frame
+  weighs by their area only.
+  """
+  x = jnp.moveaxis(jnp.asarray(x0, jnp.float32), 2, -1)  # [B, F, h, w, C]
+  close = jnp.mean(jnp.square(x[..., :, None, :] - x[..., None, :, :]), -1) < tol ** 2
+  background = jnp.argmax(jnp.sum(close, -1), -1)  # [B, F, h]: the row's most shared pixel
+  return ~jnp.take_along_axis(close, background[..., None, None], -2)[..., 0, :]
 
 
 def sample_timesteps(rng: jax.Array, batch: int, schedule: NoiseSchedule,

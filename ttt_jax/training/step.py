@@ -57,6 +57,9 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, null_text: 
   null = jnp.asarray(null_text, jnp.float32)
   weighting = train.get("loss_weighting", "snr_plus_one")
   channel_weights = train.get("channel_weights") or None
+  foreground_weight = float(train.get("foreground_weight", 0.0))
+  if foreground_weight < 0:
+    raise ValueError(f"train.foreground_weight={foreground_weight}: expected a weight >= 0")
   accum = grad_accum_steps(config, setup.mesh)
   rules = mesh_rules(config)
   grads_abstract = setup.trainable_abstract()
@@ -69,7 +72,8 @@ def make_train_step(config: ml_collections.ConfigDict, setup: Setup, null_text: 
                      text)
     v_pred = model(diffusion.add_noise(schedule, x0, noise, t), text, t)
     return diffusion.v_prediction_loss(schedule, v_pred.astype(jnp.float32), x0, noise, t,
-                                       weighting=weighting, channel_weights=channel_weights)
+                                       weighting=weighting, channel_weights=channel_weights,
+                                       foreground_weight=foreground_weight)
 
   # Per stage: stages that resume one another must not replay the same noise and timesteps.
   stage_key = jax.random.fold_in(jax.random.key(config.seed), zlib.crc32(config.stage.encode()))
