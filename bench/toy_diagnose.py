@@ -9,9 +9,9 @@
   python bench/toy_diagnose.py decoder --workdir=runs/toy [--eval 6] [--decoder_steps 1500]
   python bench/toy_diagnose.py facts --workdir=runs/toy [--stage toy_9s]
 
-stage1: configs/toy.py's 3 s stage alone (data, tokenizer, text encoder, autoencoder, precompute,
-training; `--images`: configs/toy.py:images's image and 3 s stages), with `--set key=value`
-overrides of the 3 s stage config, `--image_set` of the image stage's and `--top key=value` of
+stage1: configs/toy.py:images=false's 3 s stage alone (data, tokenizer, text encoder, autoencoder,
+precompute, training; `--images`: configs/toy.py's image and 3 s stages, the job's), with
+`--set key=value` overrides of the 3 s stage config, `--image_set` of the image stage's and `--top key=value` of
 the job's (e.g. `--top vae.normalize='global'`); then samples `--eval` held-out 3 s storyboards and
 scores each: persistence's room/colour/shape (segment 1: its text states the facts), text
 following, toy_metrics.frame_statistics (flatness, stability) and PSNR against the rendering.
@@ -105,7 +105,7 @@ def _train_with_curve(stage, workdir: str, points: int) -> tuple[dict, list[floa
 
 
 def stage1(args, overfit: bool) -> dict:
-  config = toy.get_config("images" if args.images else None)
+  config = toy.get_config("images" if args.images else "images=false")
   for item in args.top:
     _set(config, item)
   stage = config.stages.s3
@@ -131,7 +131,7 @@ def stage1(args, overfit: bool) -> dict:
   stage.data.latents = latents
   prepared = time.perf_counter()
   image_curve = None
-  if args.images and not overfit:  # configs/toy.py:images's image stage first
+  if args.images and not overfit:  # configs/toy.py's image stage first
     images = toy_job._with_models(config.stages.images, spm, t5_dir, vae_dir)  # pylint: disable=protected-access
     for item in args.image_set:
       _set(images, item)
@@ -596,7 +596,7 @@ def main() -> None:
                       help="job config key=value (Python)")
   parser.add_argument("--eval", type=int, default=4, help="held-out storyboards to sample")
   parser.add_argument("--images", action="store_true",
-                      help="stage1: configs/toy.py:images (an image stage first)")
+                      help="stage1: configs/toy.py's image stage first (without: :images=false)")
   parser.add_argument("--image_set", nargs="*", action="extend", default=[],
                       help="stage1: image stage config key=value (Python)")
   parser.add_argument("--from_run", help="stage2: a toy job's workdir (its toy_3s stage)")

@@ -45,3 +45,10 @@ def parse_arguments(arg: str | None, **defaults: Any) -> dict[str, Any]:
     else:
       raise ValueError(f"config argument {key!r} in {arg!r} needs a value ({key}=...)")
   return values
+
+
+def given_arguments(arg: str | None) -> set[str]:
+  """The keys `arg` names itself ("long,images=false" -> {"long", "images"}), where a config's
+  default for one key depends on another (configs/toy.py: `:long` has no image stage unless
+  asked)."""
+  return {item.partition("=")[0].strip() for item in (arg or "").split(",")} - {""}

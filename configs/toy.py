@@ -1,14 +1,14 @@
 """The toy main job: the paper's whole pipeline on procedural cartoons, on a CPU in minutes.
 
   python -m ttt_jax.train --config=configs/toy.py --workdir=runs/toy        # ~15 min, 2 cores
-  python -m ttt_jax.train --config=configs/toy.py:long --workdir=runs/long  # 4x longer, ~46 min
-  python -m ttt_jax.train --config=configs/toy.py:images --workdir=runs/img # an image stage first
+  python -m ttt_jax.train --config=configs/toy.py:long --workdir=runs/long  # run 8's, 4x, ~46 min
+  python -m ttt_jax.train --config=configs/toy.py:images=false --workdir=runs/r8  # run 8's recipe
 
 Builds toy_toons for the five stages (3, 9, 18, 30, 63 s), a tokenizer trained on their texts, a
 text encoder and a fitted autoencoder (see ttt_jax/toy_job.py for which are trained and why), then
-trains the DiT through the five stages with hand-off, samples one minute from a held-out
-storyboard and reports toy_toons' persistence, text-following and frame statistics. Rerunning with
-the same workdir resumes where it stopped.
+trains the DiT through an image stage and the five stages with hand-off, samples one minute from
+a held-out storyboard and reports toy_toons' persistence, text-following and frame statistics.
+Rerunning with the same workdir resumes where it stopped.
 
 The stage configs are configs/tomjerry_common.stage_config's, with the same structure (segment
 counts, latent frame counts, schedules, optimizer, clipping, text dropout); what changes is size,
@@ -22,6 +22,8 @@ learns to remember", has the measurements):
   * the x0-space loss (train.loss_weighting="none"), and stage 1 at batch 4: a model this small
     trained this briefly draws the characters better with both (README, "Drawing the
     characters");
+  * an image stage before the 3 s stage: the same backbone on single keyframes of the 3 s clips,
+    16 stories a step (IMAGES below), as CogVideoX trains on images beside videos;
   * the 3 s stage trains the backbone without mixers, the role the pretrained CogVideoX plays in
     the paper, at about a third of the CPU time a step: on single segments the mixer has nothing
     to carry, and stage 1 shut its memory path 67-fold;
@@ -31,9 +33,9 @@ learns to remember", has the measurements):
     drawing (all of it at t >= 950 and lr 1e-2, the job before, took the 9 s model's frame
     quality from 0.85 to 0.54). The later stages train the paper's groups, again half at
     t >= 950, which keeps the memory path learning as the videos grow;
-  * the 18 s stage at 300 steps: after `:images`' stage 1, three times its 100 kept the room in
-    the later segments of 12 held-out minutes 0.90 of the time against 0.65, persistence 0.413
-    against 0.314; without it (the job), 12 held-out minutes score 0.298 against 0.224 (README,
+  * the 18 s stage at 300 steps: after an image stage and stage 1, three times its 100 kept the
+    room in the later segments of 12 held-out minutes 0.90 of the time against 0.65, persistence
+    0.413 against 0.314; without the image stage (run 7), 0.298 against 0.224 (README,
     "Memory needs steps");
   * the 30 s and 63 s stages at lr 3e-4: their few samples at 1e-3 undid the 18 s stage's memory;
   * the memory stages (9 s on) weight the x0 loss of each whitened latent channel by its
@@ -41,35 +43,40 @@ learns to remember", has the measurements):
     flat-colour channels are 3 of 16 equal shares, and the 9 s stage carried 2% of the floor's
     colour from segment 1's text to segments 2-3 (76% of the wall's); weighted as pixels, 27-31%
     (README, "Exact places, and the memory stages' loss in pixels");
-`:runlocal` shrinks it further for the tests; `:mixer=NAME` swaps the sequence mixer; `:images`
-trains the 3 s stage's backbone on single keyframes first (IMAGES below).
+`:runlocal` shrinks it further for the tests; `:mixer=NAME` swaps the sequence mixer;
+`:images=false` drops the image stage and gives the 3 s stage run 8's 3000 steps.
 """
 import ml_collections
 
-from configs.arguments import parse_arguments
+from configs.arguments import given_arguments, parse_arguments
 from configs.mixers import use_mixer
 from configs.tomjerry_common import STAGES, stage_config
 
-# seconds -> (steps, global batch) of the main job. Stage 1 takes most of the time: it is where
-# the DiT learns to draw; stage 2 where the mixers learn to remember.
-# Stage 1 at batch 4: twice the steps of batch 8 for the same compute drew the characters better
-# (README, "Drawing the characters"). 3000 steps, not 3200: on exact places stage 1's loss is flat
-# over its last quarter, and the job keeps a margin under its 15 minutes (README, run 8).
-TOY_STAGES = {3: (3000, 4), 9: (300, 4), 18: (300, 2), 30: (30, 2), 63: (15, 1)}
-# `:long`: four times the default's training, 46 minutes here. On 12 held-out minutes it scores
-# persistence 0.633 [0.600, 0.668] and text following 0.327 against the default's 0.481 and
-# 0.085: segment 1 draws the characters' colours and shapes at 0.93 and 0.85 against 0.57 and
-# 0.30 (README, "`:long`: four times the training").
+# seconds -> (steps, global batch) of the main job. Stage 1 is where the DiT learns to draw; stage 2
+# where the mixers learn to remember. Stage 1 at batch 4: twice the steps of batch 8 for the same
+# compute drew the characters better (README, "Drawing the characters").
+# The 3 s stage's 1200 steps follow the image stage (IMAGES): the two together drew segment 1 of
+# 12 held-out minutes at colours 0.81 and shapes 0.45 where run 8's 3000 clip steps alone drew
+# 0.57 and 0.30, in about the same time (README, "The image stage in the job (run 9)").
+TOY_STAGES = {3: (1200, 4), 9: (300, 4), 18: (300, 2), 30: (30, 2), 63: (15, 1)}
+# `:images=false`: no image stage, and run 8's 3000 steps for the 3 s stage (12 held-out minutes:
+# persistence 0.481 [0.443, 0.518], text following 0.085).
+CLIPS_ONLY_STEPS = 3000
+# `:long`: four times run 8's training, 46 minutes here, stage 1 on clips alone (no image stage
+# unless `:long,images`). On 12 held-out minutes it scores persistence 0.633 [0.600, 0.668] and
+# text following 0.327 against run 8's 0.481 and 0.085: segment 1 draws the characters' colours
+# and shapes at 0.93 and 0.85 against 0.57 and 0.30 (README, "`:long`: four times the training").
 LONG_STAGES = {3: (12800, 4), 9: (1200, 4), 18: (1200, 2), 30: (80, 2), 63: (40, 1)}
 # The image stage: (steps, batch) before the 3 s stage, on the 3 s clips' keyframes, one at a
-# time, as one-frame videos (CogVideoX trains on images beside videos); the 3 s stage keeps its
-# steps. A keyframe costs a sixth of a 3 s clip per example, so stage 1 sees many more drawings:
-# on 24 held-out 3 s storyboards it draws the characters' colours in 0.54 of the checks against
-# 0.28 without it (with half the clip steps), and segment 1 of 12 held-out minutes in 0.37-0.40
-# against 0.18-0.28 (README, "The image stage again"). On run 8's recipe: 12 held-out minutes
-# 0.560 against 0.481, text following 0.218 against 0.085, in 16:29 here, over the 15 the default
-# must fit (README, "`:long`").
+# time, as one-frame videos (CogVideoX trains on images beside videos). A keyframe step at batch
+# 16 sees four times the stories of a clip step at batch 4 for two thirds of its time, so stage 1
+# sees many more drawings (README, "The image stage again", "The image stage in the job").
 IMAGES, LONG_IMAGES = (2400, 16), (9600, 16)
+# Tokens a segment's text is padded to. The longest text (segment 1's, which states the room and
+# every character) is 34 with EOS; 36, with the text encoder at 1200 steps, scored 0.467 on 12
+# held-out minutes against 48's 0.543, the room in later segments 0.87 against 0.97 (one
+# training each; README, "The image stage in the job (run 9)").
+TEXT_LENGTH = 48
 # The 30 s and 63 s stages train few samples of few stories: at lr 1e-3 they undid the memory the
 # 18 s stage had learned (README, "The late stages"); at 3e-4 the minute keeps it.
 LATE_FROM, LATE_LR = 30, 3e-4
@@ -83,7 +90,8 @@ MEMORY = dict(trainable=("mixer", "gates"), high_t_fraction=0.5, high_t_from=950
 MEMORY_CHANNEL_WEIGHT_POWER = 2.0
 
 
-def _toy_stage(seconds: int, runlocal: bool, long: bool) -> ml_collections.ConfigDict:
+def _toy_stage(seconds: int, runlocal: bool, long: bool, images: bool
+               ) -> ml_collections.ConfigDict:
   c = stage_config(seconds, "runlocal")
   c.stage = f"toy_{seconds}s"
   c.runlocal = runlocal
@@ -91,16 +99,21 @@ def _toy_stage(seconds: int, runlocal: bool, long: bool) -> ml_collections.Confi
   # Linear patch autoencoder on 4x4 blocks: latents 8 x 12 x 16, 4 x 6 tokens a frame.
   c.model.update(dict(num_heads=4, head_dim=32, num_layers=2, in_channels=16, out_channels=16,
                       text_embed_dim=64, time_embed_dim=32, sample_height=8, sample_width=12,
-                      max_text_seq_length=48, use_learned_positional_embeddings=True,
+                      max_text_seq_length=TEXT_LENGTH, use_learned_positional_embeddings=True,
                       # Recomputing blocks saves memory this job does not need, for ~10% time;
                       # unrolling the two layers' scan saves 21% of a 3 s step and 13% of a 9 s
                       # one on 2 cores (README, "The toy main job").
                       remat=False, unroll_layers=True, dtype="float32"))
-  c.model.mixer_options.update(dict(mini_batch_size=24, checkpoint_group_size=4))
-  c.text.max_length = 48
+  # No rematerialisation in the TTT scan (checkpoint_group_size None): the toy's memory is
+  # small, and against groups of 4 a 9 s step is 4-8% faster and compiles 7-13 s sooner (63 s),
+  # the same loss and gradients to 4e-7 (README, "The image stage in the job (run 9)").
+  c.model.mixer_options.update(dict(mini_batch_size=24, checkpoint_group_size=None))
+  c.text.max_length = TEXT_LENGTH
   c.vae.update(dict(tiling=False, frame_batch_size=4))
   c.sampling.update(dict(sampler="ddim", dynamic_cfg=False, num_steps=25, guidance_scale=3.0))
   steps, batch = (LONG_STAGES if long else TOY_STAGES)[seconds]
+  if seconds == 3 and not (images or long):
+    steps = CLIPS_ONLY_STEPS
   first = STAGES[seconds][1] is None
   c.train.update(dict(
       steps=steps, batch_size=batch, lr=2e-3 if first else 1e-3,
@@ -133,7 +146,7 @@ def _toy_stage(seconds: int, runlocal: bool, long: bool) -> ml_collections.Confi
 
 def _toy_images(runlocal: bool, long: bool) -> ml_collections.ConfigDict:
   """The image stage: the 3 s stage's backbone on single keyframes of its clips."""
-  c = _toy_stage(3, runlocal, long)
+  c = _toy_stage(3, runlocal, long, images=True)
   c.stage = "toy_images"
   c.data.crop_frames = 1
   if not runlocal:
@@ -143,10 +156,12 @@ def _toy_images(runlocal: bool, long: bool) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  """`arg` (configs/arguments.py): `runlocal`, `long`, `images` (an image stage first),
-  `mixer=<name>` (configs/mixers.py)."""
-  args = parse_arguments(arg, runlocal=False, long=False, images=False, mixer="ttt_mlp")
-  runlocal, long, images = args["runlocal"], args["long"], args["images"]
+  """`arg` (configs/arguments.py): `runlocal`, `long`, `images` (the image stage first: on by
+  default, off by default under `long`, whose measured recipe has none), `mixer=<name>`
+  (configs/mixers.py)."""
+  args = parse_arguments(arg, runlocal=False, long=False, images=True, mixer="ttt_mlp")
+  runlocal, long = args["runlocal"], args["long"]
+  images = args["images"] and (not long or "images" in given_arguments(arg))
   c = ml_collections.ConfigDict()
   c.pipeline = "toy"
   c.seed = 0
@@ -173,7 +188,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                                          normalize="channel"))
   # A T5 v1.1 encoder of this size, random, then trained on a language objective and frozen.
   c.text = ml_collections.ConfigDict(dict(d_model=64, d_kv=16, d_ff=128, num_layers=2,
-                                          num_heads=4, max_length=48))
+                                          num_heads=4, max_length=TEXT_LENGTH))
   # T5's relative-position buckets over +-32 tokens: 32 (16 a direction) tell offsets 0-7 apart
   # and longer ones in log-spaced buckets, which the objective needs; 8 tell only 0 and 1 apart
   # (3000 steps reached held-out colour accuracy 0.83).
@@ -188,7 +203,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       steps=1500 if not runlocal else 5, stories=2000 if not runlocal else 8, segments=3,
       batch_size=64, lr=3e-3))
   c.stages = ml_collections.ConfigDict(
-      {f"s{s}": _toy_stage(s, runlocal, long) for s in STAGES})
+      {f"s{s}": _toy_stage(s, runlocal, long, images) for s in STAGES})
   if images:
     c.stages.images = _toy_images(runlocal, long)
   for stage in c.stages.values():

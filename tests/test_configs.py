@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from configs.arguments import parse_arguments
+from configs.arguments import given_arguments, parse_arguments
 from ttt_jax import training
 from ttt_jax.mixers import MIXERS
 from ttt_jax.models.dit import DiTConfig
@@ -164,6 +164,8 @@ def test_argument_parser():
     parse_arguments("mixer", **defaults)
   with pytest.raises(ValueError, match="steps='x'.*int"):
     parse_arguments("steps=x", **defaults)
+  assert given_arguments(None) == given_arguments("") == set()
+  assert given_arguments("long, images=false,") == {"long", "images"}
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
@@ -222,8 +224,12 @@ def test_toy_image_stage_is_the_3s_stage_on_single_keyframes(arg):
   default = toy.get_config(arg.replace("images", "images=False"))
   toy = toy.get_config(arg)
   assert "images" not in default.stages
-  # The image stage is added before the 3 s stage, which is the same with or without it.
-  assert toy.stages.s3.to_dict() == default.stages.s3.to_dict()
+  # The image stage is added before the 3 s stage, which is the same with or without it but for
+  # its steps (configs/toy.py: run 8's 3000 without it).
+  with_images, without = toy.stages.s3.to_dict(), default.stages.s3.to_dict()
+  for stage in (with_images, without):
+    stage["train"].pop("steps"), stage["train"].pop("checkpoint_every")
+  assert with_images == without
   images, clips = toy.stages.images.to_dict(), toy.stages.s3.to_dict()
   assert (images["data"].pop("crop_frames"), clips["data"].pop("crop_frames")) == (1, 0)
   assert (images.pop("stage"), clips.pop("stage")) == ("toy_images", "toy_3s")
@@ -234,6 +240,20 @@ def test_toy_image_stage_is_the_3s_stage_on_single_keyframes(arg):
   order = [stage.stage for _, stage in importlib.import_module("ttt_jax.toy_job").stage_configs(
       toy)]
   assert order == ["toy_images"] + [f"toy_{s}s" for s in STAGES]
+
+
+def test_toy_default_has_the_image_stage_and_long_has_not():
+  """The main job trains 2400 x 16 keyframes, then 1200 clip steps; `:images=false` is run 8's
+  recipe (3000 clip steps); `:long` is the 46-minute recipe as measured, clips alone."""
+  get = importlib.import_module("configs.toy").get_config
+  default, clips_only, long = get(), get("images=false"), get("long")
+  assert "images" in default.stages and "images" not in clips_only.stages
+  assert "images" not in long.stages and "images" in get("long,images").stages
+  assert (default.stages.images.train.steps, default.stages.images.train.batch_size) == (2400, 16)
+  assert (default.stages.s3.train.steps, clips_only.stages.s3.train.steps) == (1200, 3000)
+  assert long.stages.s3.train.steps == 12800
+  for seconds in STAGES[1:]:
+    assert default.stages[f"s{seconds}"].to_dict() == clips_only.stages[f"s{seconds}"].to_dict()
 
 
 def test_toy_long_is_the_default_job_trained_longer():

@@ -13,8 +13,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_toy_pipeline_runlocal_end_to_end_and_resume(tmp_path):
-  # With the image stage (`:images`): the default job's stages and one more before them.
-  cmd = [sys.executable, "-m", "ttt_jax.train", "--config=configs/toy.py:runlocal,images",
+  # The default job's stages: the image stage, then the five of the paper.
+  cmd = [sys.executable, "-m", "ttt_jax.train", "--config=configs/toy.py:runlocal",
          f"--workdir={tmp_path}"]
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
   first = subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, text=True)
