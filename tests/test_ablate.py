@@ -168,7 +168,7 @@ def test_evaluate_scores_an_earlier_stage_on_stories_of_its_length(ablation, tmp
      "--guidance_scale 0.5: expected a number >= 1 (1: no classifier-free guidance)"),
     ("ttt_jax.evaluate", ["--workdir={run}", "--stage=toy_99s"],
      "--stage toy_99s: not a finished stage of {run}; finished: toy_18s, toy_30s, toy_3s, "
-     "toy_63s, toy_9s"),
+     "toy_63s, toy_9s, toy_images"),
     ("ttt_jax.evaluate", ["--workdir={run}", "--sampler=euler"],
      "--sampler 'euler': expected one of ddim, dpmpp_2m"),
     ("ttt_jax.ablate", ["--config=configs/toy.py:runlocal", "--workdir={tmp}", "--mixers=lstm"],
