@@ -28,13 +28,18 @@ def _cast(key: str, raw: str, default: Any, arg: str) -> Any:
                    f"{type(default).__name__}")
 
 
+def _items(arg: str | None):
+  """(key, has_value, raw value) of each non-empty item of `arg`."""
+  for item in (arg or "").split(","):
+    key, has_value, raw = (part.strip() for part in item.partition("="))
+    if key or has_value:
+      yield key, has_value, raw
+
+
 def parse_arguments(arg: str | None, **defaults: Any) -> dict[str, Any]:
   """`arg` ("runlocal,mixer=mamba2", "", or None) over `defaults` -> {key: value}."""
   values = dict(defaults)
-  for item in (arg or "").split(","):
-    key, has_value, raw = (part.strip() for part in item.partition("="))
-    if not key and not has_value:
-      continue
+  for key, has_value, raw in _items(arg):
     if key not in defaults:
       raise ValueError(f"unknown config argument {key!r} in {arg!r}; this config takes "
                        f"{', '.join(sorted(defaults))}")
@@ -51,4 +56,4 @@ def given_arguments(arg: str | None) -> set[str]:
   """The keys `arg` names itself ("long,images=false" -> {"long", "images"}), where a config's
   default for one key depends on another (configs/toy.py: `:long` has no image stage unless
   asked)."""
-  return {item.partition("=")[0].strip() for item in (arg or "").split(",")} - {""}
+  return {key for key, _, _ in _items(arg)}
