@@ -13,8 +13,9 @@ stage1: configs/toy.py:images=false's 3 s stage alone (data, tokenizer, text enc
 precompute, training; `--images`: configs/toy.py's image and 3 s stages, the job's), with
 `--set key=value` overrides of the 3 s stage config, `--image_set` of the image stage's and
 `--top key=value` of the job's (e.g. `--top vae.normalize='global'`); then samples `--eval`
-held-out 3 s storyboards and scores each: persistence's room/colour/shape (segment 1: its text states the facts), text
-following, toy_metrics.frame_statistics (flatness, stability) and PSNR against the rendering.
+held-out 3 s storyboards and scores each: persistence's room/colour/shape (segment 1: its text
+states the facts), text following, toy_metrics.frame_statistics (flatness, stability) and PSNR
+against the rendering.
 overfit: the same with ONE training story and batch 1, sampled from that story's own storyboard:
 a model and conditioning that work reproduce it (PSNR well above the held-out stories'); one that
 does not points at the model, not at the amount of training.
