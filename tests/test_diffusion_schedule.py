@@ -158,6 +158,15 @@ def test_foreground_mask_marks_what_differs_from_each_rows_background():
   np.testing.assert_array_equal(np.asarray(sch.foreground_mask(x0)), truth)
 
 
+def test_foreground_mask_memory_stays_linear_in_the_row_width():
+  # A real config's minute: 253 latent frames of 16 x 60 x 90. The all-pairs comparison alone
+  # would be [253, 60, 90, 90] (490 MB as float32, 7.9 GB with its channel axis).
+  x0 = jax.ShapeDtypeStruct((1, 253, 16, 60, 90), jnp.float32)
+  compiled = jax.jit(sch.foreground_mask).lower(x0).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < 4 * 253 * 60 * 90 * 16 * 4, temp  # a few copies of the input at most
+
+
 def test_foreground_weight_weights_the_marked_pixels():
   schedule = sch.make_schedule()
   rng = np.random.default_rng(4)

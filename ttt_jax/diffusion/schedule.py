@@ -148,9 +148,12 @@ def foreground_mask(x0, tol: float = 0.5) -> jax.Array:
   weighs by their area only.
   """
   x = jnp.moveaxis(jnp.asarray(x0, jnp.float32), 2, -1)  # [B, F, h, w, C]
-  close = jnp.mean(jnp.square(x[..., :, None, :] - x[..., None, :, :]), -1) < tol ** 2
-  background = jnp.argmax(jnp.sum(close, -1), -1)  # [B, F, h]: the row's most shared pixel
-  return ~jnp.take_along_axis(close, background[..., None, None], -2)[..., 0, :]
+  near = lambda ref: jnp.mean(jnp.square(x - ref[..., None, :]), -1) < tol ** 2  # [B, F, h, w]
+  # One candidate column at a time: the all-pairs comparison is [B, F, h, w, w, C], 8 GB an
+  # example at the real configs' 253 x 60 x 90 latents; this holds one [B, F, h, w] at a time.
+  shared = jax.lax.map(lambda i: jnp.sum(near(x[..., i, :]), -1), jnp.arange(x.shape[-2]))
+  background = jnp.argmax(shared, 0)  # [B, F, h]: the row's most shared pixel (first on ties)
+  return ~near(jnp.take_along_axis(x, background[..., None, None], -2)[..., 0, :])
 
 
 def sample_timesteps(rng: jax.Array, batch: int, schedule: NoiseSchedule,
