@@ -10,25 +10,28 @@ from ttt_jax import checkpoint
 from ttt_jax.models.vae_convert import load_converted_vae
 
 
-def _linear_motion_video(keys):
-  """Naive loop: after each keyframe, 4 frames interpolated towards the next (the 4th is it)."""
+def _linear_motion_video(keys, ratio=4):
+  """Naive loop: after each keyframe, `ratio` frames interpolated towards the next (the last is
+  it)."""
   frames = [keys[:, :1]]
   for j in range(1, keys.shape[1]):
-    for r in range(1, 5):
-      frames.append((keys[:, j - 1] * (1 - r / 4) + keys[:, j] * (r / 4))[:, None])
+    for r in range(1, ratio + 1):
+      frames.append((keys[:, j - 1] * (1 - r / ratio) + keys[:, j] * (r / ratio))[:, None])
   return np.concatenate(frames, axis=1)
 
 
-def test_full_rank_roundtrip_is_exact_for_linear_motion():
+@pytest.mark.parametrize("ratio", [4, 8])  # CogVideoX's temporal compression; the toy job's
+def test_full_rank_roundtrip_is_exact_for_linear_motion(ratio):
   rng = np.random.default_rng(0)
-  video = _linear_motion_video(rng.uniform(-1, 1, size=(2, 4, 8, 12, 3)).astype(np.float32))
-  assert video.shape == (2, 13, 8, 12, 3)
-  vae = PixelVAE(PixelVAEConfig(patch=4))
+  video = _linear_motion_video(rng.uniform(-1, 1, size=(2, 4, 8, 12, 3)).astype(np.float32),
+                               ratio)
+  assert video.shape == (2, 1 + 3 * ratio, 8, 12, 3)
+  vae = PixelVAE(PixelVAEConfig(patch=4, temporal_compression_ratio=ratio))
   mean, logvar = vae.encode(video)
   assert mean.shape == (2, 4, 2, 3, 48) and np.all(np.asarray(logvar) == -30.0)
-  # Channel order (row in block, column in block, rgb): block (0, 1) of keyframe 1 = frame 4.
+  # Channel order (row in block, column in block, rgb): block (0, 1) of keyframe 1 = frame ratio.
   np.testing.assert_array_equal(np.asarray(mean)[0, 1, 0, 1].reshape(4, 4, 3),
-                                video[0, 4, :4, 4:8])
+                                video[0, ratio, :4, 4:8])
   np.testing.assert_allclose(np.asarray(vae.decode(mean)), video, atol=1e-6)
 
 

@@ -195,6 +195,11 @@ def test_schema_mismatches_are_clear_errors(assets, tmp_path):
   wrong.model.text_embed_dim = 64
   with pytest.raises(ValueError, match="T5 d_model 32 != config.model.text_embed_dim 64"):
     precompute(wrong, source, tmp_path / "c")
+  wrong = config.copy_and_resolve_references()
+  wrong.model.temporal_compression_ratio = 8  # a DiT that expects the toy's keyframe spacing
+  with pytest.raises(ValueError, match="VAE temporal_compression_ratio 4 != "
+                                       "config.model.temporal_compression_ratio 8"):
+    precompute(wrong, source, tmp_path / "f")
   with pytest.raises(FileNotFoundError, match="not a tfds dataset directory"):
     precompute(config, tmp_path, tmp_path / "d")
   with pytest.raises(ValueError, match="no split 'test'"):

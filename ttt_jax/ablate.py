@@ -141,7 +141,7 @@ def step_times(spec: str, mixers: list[str], segments: int, repeats: int,
   from flax import nnx  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from ttt_jax import training  # pylint: disable=g-import-not-at-top
-  from ttt_jax.data.features import latent_frames  # pylint: disable=g-import-not-at-top
+  from ttt_jax.data.features import latent_frames, model_temporal_compression  # pylint: disable=g-import-not-at-top
   from ttt_jax.models.dit import DiT  # pylint: disable=g-import-not-at-top
   from ttt_jax.step_timing import time_dit  # pylint: disable=g-import-not-at-top
 
@@ -158,8 +158,9 @@ def step_times(spec: str, mixers: list[str], segments: int, repeats: int,
     stage = max(stages.values(), key=lambda s: s.segments)  # the last, longest stage
     length = segments or stage.segments
     model = DiT(training.dit_config(stage), rngs=nnx.Rngs(0))
+    frames = latent_frames(length, stage.fps, model_temporal_compression(stage))
     times[mixer] = time_dit(
-        model, batch=stage.train.batch_size, frames=latent_frames(length, stage.fps),
+        model, batch=stage.train.batch_size, frames=frames,
         segments=length, height=stage.model.sample_height, width=stage.model.sample_width,
         text_len=stage.text.max_length, repeats=repeats)
     times[mixer]["params"] = int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))

@@ -96,8 +96,8 @@ class Sampler:
 
   def latent_shape(self, segments: int) -> tuple[int, ...]:
     c, f = self.config, self.vae_config.spatial_compression
-    return (1, features.latent_frames(segments, c.fps), c.model.in_channels, c.height // f,
-            c.width // f)
+    frames = features.latent_frames(segments, c.fps, self.vae_config.temporal_compression_ratio)
+    return (1, frames, c.model.in_channels, c.height // f, c.width // f)
 
   def _denoise(self, num_steps, dit_state, x_T, cond, uncond, rng):
     graphdef = self._graphdef

@@ -201,14 +201,17 @@ def build_autoencoder(config, workdir: str, datasets) -> str:
   frames = np.concatenate([source[i]["video"][::6] for i in range(len(source))])
   frames = from_uint8(frames)
   mean, basis, std = pixel_vae.fit_linear(frames, config.vae.patch, config.vae.latent_channels)
-  fitted = pixel_vae.PixelVAEConfig(patch=config.vae.patch, mean=tuple(mean.tolist()),
+  r = int(config.vae.get("temporal_compression_ratio",
+                         pixel_vae.PixelVAEConfig.temporal_compression_ratio))
+  fitted = pixel_vae.PixelVAEConfig(patch=config.vae.patch, temporal_compression_ratio=r,
+                                    mean=tuple(mean.tolist()),
                                     basis=tuple(map(tuple, basis.tolist())))
   normalize = config.vae.get("normalize", "channel")
   if normalize == "channel":  # pixel_vae.py says why the toy whitens each channel
     scaled = dataclasses.replace(fitted, channel_std=tuple(std.tolist()))
   elif normalize == "global":
     latents, _ = pixel_vae.PixelVAE(fitted).encode(
-        frames[None, :1 + 4 * ((len(frames) - 1) // 4)])
+        frames[None, :1 + r * ((len(frames) - 1) // r)])
     global_std = float(np.std(np.asarray(latents)))
     scaled = dataclasses.replace(fitted, scaling_factor=1.0 / max(global_std, 1e-3))
   else:
@@ -356,8 +359,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def autoencode(vae_dir: str, video: np.ndarray) -> np.ndarray:
-  """uint8 video [1 + 4k, H, W, 3] -> the same through the fitted autoencoder (encode's mean,
-  decode), uint8 [1 + 4k, H, W, 3]."""
+  """uint8 video [1 + rk, H, W, 3] -> the same through the fitted autoencoder (encode's mean,
+  decode; r its temporal compression), uint8 [1 + rk, H, W, 3]."""
   from ttt_jax.data.video_io import from_uint8, to_uint8  # pylint: disable=g-import-not-at-top
   from ttt_jax.models.vae_convert import load_converted_vae  # pylint: disable=g-import-not-at-top
   _, vae = load_converted_vae(vae_dir)

@@ -24,10 +24,14 @@ TEMPORAL_COMPRESSION = 4  # CogVideoX VAE: 1 + 4k pixel frames -> 1 + k latent f
 
 def frames_per_segment(fps: int) -> int:
   """Pixel frames a segment adds after the shared first frame (48 at 16 fps)."""
+  return _segment_frames(fps, TEMPORAL_COMPRESSION)
+
+
+def _segment_frames(fps: int, temporal_compression: int) -> int:
   n = SEGMENT_SECONDS * fps
-  if n % TEMPORAL_COMPRESSION:
+  if n % temporal_compression:
     raise ValueError(f"fps={fps}: a {SEGMENT_SECONDS}-second segment has {n} frames, not a "
-                     f"multiple of the VAE's temporal compression {TEMPORAL_COMPRESSION}")
+                     f"multiple of the VAE's temporal compression {temporal_compression}")
   return n
 
 
@@ -36,9 +40,17 @@ def num_frames(segments: int, fps: int) -> int:
   return 1 + segments * frames_per_segment(fps)
 
 
-def latent_frames(segments: int, fps: int = 16) -> int:
-  """Latent frames of such an example: 1 + 12*segments at 16 fps."""
-  return 1 + segments * frames_per_segment(fps) // TEMPORAL_COMPRESSION
+def latent_frames(segments: int, fps: int = 16,
+                  temporal_compression: int = TEMPORAL_COMPRESSION) -> int:
+  """Latent frames of such an example: 1 + 12*segments at 16 fps and CogVideoX's 4x (the toy's
+  keyframe autoencoder takes other ratios: ttt_jax/models/pixel_vae.py)."""
+  return 1 + segments * _segment_frames(fps, temporal_compression) // temporal_compression
+
+
+def model_temporal_compression(config) -> int:
+  """The temporal compression a stage config's DiT expects of its latents: config.model's
+  `temporal_compression_ratio` (DiTConfig's), CogVideoX's 4 where unset."""
+  return int(config.model.get("temporal_compression_ratio", TEMPORAL_COMPRESSION))
 
 
 def video_features(height: int, width: int, **extra):

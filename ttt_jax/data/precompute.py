@@ -113,9 +113,10 @@ class _Encoders(Encoders):
     if vc.latent_channels != m.in_channels:
       problems.append(f"VAE latent_channels {vc.latent_channels} != "
                       f"config.model.in_channels {m.in_channels}")
-    if vc.temporal_compression_ratio != features.TEMPORAL_COMPRESSION:
+    if vc.temporal_compression_ratio != features.model_temporal_compression(config):
       problems.append(f"VAE temporal_compression_ratio {vc.temporal_compression_ratio} != "
-                      f"{features.TEMPORAL_COMPRESSION} (features.py)")
+                      f"config.model.temporal_compression_ratio "
+                      f"{features.model_temporal_compression(config)}")
     if config.height % vc.spatial_compression or config.width % vc.spatial_compression:
       problems.append(f"{config.height}x{config.width} pixels are not a multiple of the VAE's "
                       f"spatial compression {vc.spatial_compression}")
@@ -277,7 +278,8 @@ def precompute(config: ml_collections.ConfigDict, source_dir: str | os.PathLike,
 
   encoders = _Encoders(config, text_rows=max(text_batch_size, config.segments))
   vc, s = encoders.vae_config, encoders.vae_config.spatial_compression
-  latent_shape = (features.latent_frames(config.segments, config.fps), config.height // s,
+  latent_shape = (features.latent_frames(config.segments, config.fps, vc.temporal_compression_ratio),
+                  config.height // s,
                   config.width // s, vc.latent_channels)
   text_shape = (config.segments, config.text.max_length, encoders.t5_config.d_model)
   info = dict(

@@ -1,15 +1,16 @@
 """The toy pipeline's autoencoder: a linear patch autoencoder with temporal keyframes.
 
-  encode: video [b, 1 + 4k, H, W, 3] -> latent [b, 1 + k, H/p, W/p, C]: frame 0 and every 4th
-    frame after it (the keyframes); each p x p x 3 pixel block, as a vector, minus `mean`,
-    projected on the C rows of `basis` (C = 3p² and no basis: the block itself), divided by
-    `channel_std` (when set);
-  decode: the block from `(latent * channel_std) @ basis + mean`, the 3 frames between two
+  encode: video [b, 1 + rk, H, W, 3] -> latent [b, 1 + k, H/p, W/p, C]: frame 0 and every r-th
+    frame after it (the keyframes; r = temporal_compression_ratio, CogVideoX's 4 by default, 8
+    in the toy job); each p x p x 3 pixel block, as a vector, minus `mean`, projected on the C
+    rows of `basis` (C = 3p² and no basis: the block itself), divided by `channel_std` (when set);
+  decode: the block from `(latent * channel_std) @ basis + mean`, the r - 1 frames between two
     keyframes linearly interpolated.
 
 `fit_linear` fits `mean` and `basis` to data by PCA: the least-squares optimal linear autoencoder
 with C latent channels (a closed-form training, seconds on a CPU), and each channel's std. Exact
-for motion linear over 4 frames (1/4 s at 16 fps); `logvar` is a constant -30 (a point posterior).
+for motion linear over r frames (1/2 s at r = 8 and 16 fps); `logvar` is a constant -30 (a point
+posterior).
 
 Per-channel whitening (`channel_std`, what the toy job uses) rather than one global
 `scaling_factor`: the PCA channels' stds span more than 10x (3.02 down to 0.24 under one global
@@ -126,7 +127,7 @@ class PixelVAE:
 
   def encode(self, video: jax.Array, *, frame_batch_size: int | None = None,
              tiling: Any = None) -> tuple[jax.Array, jax.Array]:
-    """video [b, 1 + 4k, H, W, c] -> (mean, logvar), each [b, 1 + k, H/p, W/p, C]."""
+    """video [b, 1 + rk, H, W, c] -> (mean, logvar), each [b, 1 + k, H/p, W/p, C]."""
     del frame_batch_size, tiling
     r, p = self.config.temporal_compression_ratio, self.config.patch
     _, t, h, w, _ = video.shape
@@ -139,7 +140,7 @@ class PixelVAE:
 
   def decode(self, latents: jax.Array, *, frame_batch_size: int | None = None,
              tiling: Any = None) -> jax.Array:
-    """latents [b, F, h, w, C] -> video [b, 1 + 4(F - 1), h p, w p, c]."""
+    """latents [b, F, h, w, C] -> video [b, 1 + r(F - 1), h p, w p, c]."""
     del frame_batch_size, tiling
     c = self.config
     keys = from_blocks((jnp.asarray(latents, jnp.float32) * self._std) @ self._basis + self._mean,

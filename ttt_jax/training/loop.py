@@ -91,7 +91,8 @@ def _check_batch_shapes(config: ml_collections.ConfigDict, batch: dict[str, Any]
   """Refuses a dataset whose batch ({"latents": [R, F, C, h, w], "text": [R, segments, L, D]})
   does not fit the config's frames, channels, segments, text width or patch size."""
   c = config
-  f = c.data.crop_frames or features.latent_frames(c.segments)
+  f = c.data.crop_frames or features.latent_frames(
+      c.segments, c.fps, features.model_temporal_compression(c))
   lat, text = batch["latents"], batch["text"]
   if lat.shape[1] != f or lat.shape[2] != c.model.in_channels:
     raise ValueError(f"dataset latents {lat.shape[1:]} (frames, channels, h, w) do not match the "
