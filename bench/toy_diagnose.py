@@ -8,6 +8,7 @@
   python bench/toy_diagnose.py stage2 --workdir=/tmp/d/s2 --from_run=runs/toy [--fresh_mixer]
   python bench/toy_diagnose.py decoder --workdir=runs/toy [--eval 6] [--decoder_steps 1500]
   python bench/toy_diagnose.py facts --workdir=runs/toy [--stage toy_9s]
+  python bench/toy_diagnose.py keyframes --workdir=runs/toy [--ratios 4 8 16] [--eval 8]
 
 stage1: configs/toy.py:images=false's 3 s stage alone (data, tokenizer, text encoder, autoencoder,
 precompute, training; `--images`: configs/toy.py's image and 3 s stages, the job's), with
@@ -48,6 +49,11 @@ between them -> the frame, a correction added to the linear decode; latents nois
 U(0, --decoder_sigma) in whitened units, L1 loss), then decodes the same sampled latents of
 `--eval` held-out 63 s storyboards (the run's last stage, its sampling config and seed) both
 ways, and the stories' own latents both ways, and scores all four.
+
+keyframes: the ceiling the autoencoder's keyframe spacing sets. The run's fitted autoencoder, with
+its keyframes every `--ratios` frames, encodes and decodes `--eval` 63 s stories (seeds 10000 +
+k), and each round trip is scored as a generated minute would be: persistence, text following,
+flatness, stability (means over the stories).
 
 facts: which of segment 1's facts the memory path carries. On 8 held-out 9 s stories, at t = 999
 (pure noise: a later segment's facts can only come from segment 1's text), the model's x0
@@ -585,10 +591,34 @@ def decoder(args) -> dict:
                  for name, rs in rows.items()})
 
 
+def keyframes(args) -> dict:
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ttt_jax.data.video_io import from_uint8, to_uint8  # pylint: disable=g-import-not-at-top
+  from ttt_jax.models import pixel_vae  # pylint: disable=g-import-not-at-top
+  from ttt_jax.models.vae_convert import load_converted_vae  # pylint: disable=g-import-not-at-top
+  _, fitted = load_converted_vae(os.path.join(args.workdir, "vae"))
+  stories = [toy_toons.generate_story(10_000 + k, segments=21) for k in range(args.eval)]
+  rows = {}
+  for ratio in args.ratios:
+    vae = pixel_vae.PixelVAE(dataclasses.replace(fitted.config,
+                                                 temporal_compression_ratio=int(ratio)))
+    scores = []
+    for story in stories:
+      latents, _ = vae.encode(jnp.asarray(from_uint8(toy_toons.render(story)))[None])
+      video = to_uint8(np.asarray(vae.decode(latents))[0])
+      scores.append(dict(persistence=toy_metrics.persistence_score(video, story)["overall"],
+                         text_following=toy_metrics.text_following_score(video, story)["mean"],
+                         **toy_metrics.frame_statistics(video)))
+    rows[str(int(ratio))] = {m: round(float(np.mean([s[m] for s in scores])), 4)
+                             for m in scores[0]}
+  return dict(mode="keyframes", workdir=args.workdir, stories=args.eval, keyframe_every=rows)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("mode", choices=("stage1", "overfit", "x0", "guidance", "memory", "stage2",
-                                       "decoder", "facts"))
+                                       "decoder", "facts", "keyframes"))
   parser.add_argument("--workdir", required=True)
   # "extend": a repeated flag adds to the list (with nargs="*" alone the last one wins, silently).
   parser.add_argument("--set", nargs="*", action="extend", default=[],
@@ -609,12 +639,14 @@ def main() -> None:
                       help="guidance: the guidance scales to sample at")
   parser.add_argument("--decoder_steps", type=int, default=1500, help="decoder: training steps")
   parser.add_argument("--stage", help="facts: one stage (default: each with a mixer)")
+  parser.add_argument("--ratios", type=int, nargs="*", default=[4, 8, 16],
+                      help="keyframes: the keyframe spacings to score")
   parser.add_argument("--decoder_sigma", type=float, default=1.0,
                       help="decoder: the largest latent noise std it trains on")
   args = parser.parse_args()
   with contextlib.redirect_stdout(sys.stderr):  # tfds and toy_job print; stdout: the JSON only
     modes = {"x0": x0_error, "guidance": guidance, "memory": memory, "stage2": stage2,
-             "decoder": decoder, "facts": facts}
+             "decoder": decoder, "facts": facts, "keyframes": keyframes}
     result = (modes[args.mode](args) if args.mode in modes
               else stage1(args, args.mode == "overfit"))
   print(json.dumps(result))
