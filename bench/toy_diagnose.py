@@ -593,8 +593,6 @@ def decoder(args) -> dict:
 
 def keyframes(args) -> dict:
   import dataclasses  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ttt_jax.data.video_io import from_uint8, to_uint8  # pylint: disable=g-import-not-at-top
   from ttt_jax.models import pixel_vae  # pylint: disable=g-import-not-at-top
   from ttt_jax.models.vae_convert import load_converted_vae  # pylint: disable=g-import-not-at-top
   _, fitted = load_converted_vae(os.path.join(args.workdir, "vae"))
@@ -605,8 +603,7 @@ def keyframes(args) -> dict:
                                                  temporal_compression_ratio=int(ratio)))
     scores = []
     for story in stories:
-      latents, _ = vae.encode(jnp.asarray(from_uint8(toy_toons.render(story)))[None])
-      video = to_uint8(np.asarray(vae.decode(latents))[0])
+      video = toy_job.round_trip(vae, toy_toons.render(story))
       scores.append(dict(persistence=toy_metrics.persistence_score(video, story)["overall"],
                          text_following=toy_metrics.text_following_score(video, story)["mean"],
                          **toy_metrics.frame_statistics(video)))

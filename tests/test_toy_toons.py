@@ -209,5 +209,6 @@ def test_latent_frames_follow_the_temporal_compression():
   # 16 fps: 48 frames a segment; CogVideoX keeps every 4th, the toy's autoencoder every 8th.
   assert features.latent_frames(3, 16) == 1 + 3 * 12 == features.latent_frames(3, 16, 4)
   assert features.latent_frames(3, 16, 8) == 1 + 3 * 6
-  with pytest.raises(ValueError, match="48 frames, not a multiple of the VAE's temporal compression 32"):
+  with pytest.raises(ValueError,
+                     match="48 frames, not a multiple of the VAE's temporal compression 32"):
     features.latent_frames(1, 16, 32)

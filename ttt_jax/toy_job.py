@@ -361,9 +361,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def autoencode(vae_dir: str, video: np.ndarray) -> np.ndarray:
   """uint8 video [1 + rk, H, W, 3] -> the same through the fitted autoencoder (encode's mean,
   decode; r its temporal compression), uint8 [1 + rk, H, W, 3]."""
-  from ttt_jax.data.video_io import from_uint8, to_uint8  # pylint: disable=g-import-not-at-top
   from ttt_jax.models.vae_convert import load_converted_vae  # pylint: disable=g-import-not-at-top
-  _, vae = load_converted_vae(vae_dir)
+  return round_trip(load_converted_vae(vae_dir)[1], video)
+
+
+def round_trip(vae: Any, video: np.ndarray) -> np.ndarray:
+  """`autoencode` through a loaded autoencoder (encode(video) -> (mean, logvar); decode)."""
+  from ttt_jax.data.video_io import from_uint8, to_uint8  # pylint: disable=g-import-not-at-top
   latents, _ = vae.encode(jnp.asarray(from_uint8(video))[None])
   return to_uint8(np.asarray(vae.decode(latents))[0])
 

@@ -22,12 +22,9 @@ SEGMENT_SECONDS = 3
 TEMPORAL_COMPRESSION = 4  # CogVideoX VAE: 1 + 4k pixel frames -> 1 + k latent frames
 
 
-def frames_per_segment(fps: int) -> int:
-  """Pixel frames a segment adds after the shared first frame (48 at 16 fps)."""
-  return _segment_frames(fps, TEMPORAL_COMPRESSION)
-
-
-def _segment_frames(fps: int, temporal_compression: int) -> int:
+def frames_per_segment(fps: int, temporal_compression: int = TEMPORAL_COMPRESSION) -> int:
+  """Pixel frames a segment adds after the shared first frame (48 at 16 fps); raises unless the
+  VAE's temporal compression divides them."""
   n = SEGMENT_SECONDS * fps
   if n % temporal_compression:
     raise ValueError(f"fps={fps}: a {SEGMENT_SECONDS}-second segment has {n} frames, not a "
@@ -44,7 +41,7 @@ def latent_frames(segments: int, fps: int = 16,
                   temporal_compression: int = TEMPORAL_COMPRESSION) -> int:
   """Latent frames of such an example: 1 + 12*segments at 16 fps and CogVideoX's 4x (the toy's
   keyframe autoencoder takes other ratios: ttt_jax/models/pixel_vae.py)."""
-  return 1 + segments * _segment_frames(fps, temporal_compression) // temporal_compression
+  return 1 + segments * frames_per_segment(fps, temporal_compression) // temporal_compression
 
 
 def model_temporal_compression(config) -> int:

@@ -278,9 +278,8 @@ def precompute(config: ml_collections.ConfigDict, source_dir: str | os.PathLike,
 
   encoders = _Encoders(config, text_rows=max(text_batch_size, config.segments))
   vc, s = encoders.vae_config, encoders.vae_config.spatial_compression
-  latent_shape = (features.latent_frames(config.segments, config.fps, vc.temporal_compression_ratio),
-                  config.height // s,
-                  config.width // s, vc.latent_channels)
+  frames = features.latent_frames(config.segments, config.fps, vc.temporal_compression_ratio)
+  latent_shape = (frames, config.height // s, config.width // s, vc.latent_channels)
   text_shape = (config.segments, config.text.max_length, encoders.t5_config.d_model)
   info = dict(
       stage=config.stage, split=split, num_examples=len(source), source=source_dir,
