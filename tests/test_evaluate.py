@@ -63,6 +63,8 @@ def test_score_and_summary_of_storyboards_of_different_lengths(story):
   for s in scored:
     for metric in evaluate.METRICS:
       assert s[metric]["mean"] == 1.0  # the metrics' own reference
+    assert s["colour_at_place"] == {"stated_segment_1": 1.0, "stated": 1.0, "swapped": 0.0,
+                                    "third": 0.0, "background": 0.0}
   summary = evaluate.summarise(scored, resamples=100)
   assert summary["persistence"]["mean"] == 1.0
   assert len(summary["text_following"]["per_segment"]["mean"]) == 3  # the longest storyboard

@@ -111,9 +111,27 @@ def test_metrics_survive_mp4(tmp_path, height, width):
     decoded, fps = video_io.read_mp4(path)
     assert decoded.shape == video.shape and fps == FPS
     scores[name] = (metrics.persistence_score(decoded, story)["overall"],
-                    metrics.text_following_score(decoded, story)["mean"])
+                    metrics.text_following_score(decoded, story)["mean"],
+                    metrics.colour_at_place(decoded, story)["stated_later"])
   assert min(scores["truth"]) >= 0.95, scores
-  assert scores["wrong"][0] <= 0.05, scores
+  assert scores["wrong"][0] <= 0.05 and scores["wrong"][2] <= 0.05, scores
+
+
+@pytest.mark.parametrize("name,later", [(None, "stated"), ("colors_swapped", "swapped"),
+                                        ("other_facts", "third"), ("empty", "background")])
+def test_colour_at_place_classes(story, truth, name, later):
+  if name == "empty":  # the room alone after segment 1: nothing where the characters are
+    video = truth.copy()
+    video[FIRST:] = np.where(np.arange(story.height)[:, None, None]
+                             < story.height - toy.geometry(story.height, story.width).floor,
+                             toy.ROOM_COLORS[story.room], toy.FLOOR_COLORS[story.floor])
+  else:
+    video = truth if name is None else _corrupt(name, story, truth)
+  got = metrics.colour_at_place(video, story)
+  assert got["stated"][0] == 1.0  # segment 1 is the truth in every case
+  for k in metrics.PLACE_CLASSES:
+    want = 1.0 if k == later else 0.0
+    assert got[f"{k}_later"] == want and all(v == want for v in got[k][1:]), (k, got)
 
 
 def test_metrics_reject_bad_layout(truth, story):
@@ -121,6 +139,10 @@ def test_metrics_reject_bad_layout(truth, story):
     metrics.persistence_score(truth[:-1], story)
   with pytest.raises(ValueError, match="segments"):
     metrics.text_following_score(truth[:FIRST], story)
+  with pytest.raises(ValueError, match="segments"):
+    metrics.colour_at_place(truth[:FIRST], story)
+  with pytest.raises(ValueError, match="frames are"):
+    metrics.colour_at_place(truth[:, :16], story)
 
 
 def test_frame_statistics_against_a_naive_loop(tmp_path, story, truth):

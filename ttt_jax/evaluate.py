@@ -30,6 +30,10 @@ compared on the same noise):
                   toy_metrics.frame_statistics' flatness). 1 means the frames have the rendering's
                   palette proportions and its amount of edges; it does not say where things are
                   (persistence and text following do), and it needs no network.
+  colour_at_place toy_metrics.colour_at_place over segments 2..N (and segment 1's "stated"): of
+                  the colours drawn where the story puts each character, the shares that are its
+                  own, the other character's ("swapped"), a third character colour, or the
+                  background. Outside the bootstrap: it says why persistence's colours fail.
 
 OUT (default WORKDIR/eval, replaced whole, never half-written): eval.json (per storyboard, and
 "metrics": means over storyboards with percentile-bootstrap intervals, overall and per segment),
@@ -165,7 +169,14 @@ def score(video: np.ndarray, story: Any) -> dict[str, Any]:
                       **{k: persistence[k] for k in ("room", "color", "shape")}},
       "text_following": {"mean": text["mean"], "per_segment": text["per_segment"]},
       "frame_quality": frame_quality(video, toy_toons.render(story), story.fps),
+      "colour_at_place": place_shares(toy_metrics.colour_at_place(video, story)),
   }
+
+
+def place_shares(place: dict[str, Any]) -> dict[str, float]:
+  """toy_metrics.colour_at_place's result -> {"stated_segment_1", and each class's later share}."""
+  return {"stated_segment_1": place["stated"][0],
+          **{k: place[f"{k}_later"] for k in toy_metrics.PLACE_CLASSES}}
 
 
 def summarise(per_storyboard: list[dict[str, Any]], *, resamples: int = bootstrap.RESAMPLES,
@@ -280,7 +291,10 @@ def _run(workdir: str, storyboards: list[str] | None, out: str | None, num_story
     result = {"workdir": workdir, "stage": config.stage, "mixer": config.model.mixer,
               "seed": seed, "sampling": config.sampling.to_dict(),
               "confidence": bootstrap.CONFIDENCE, "resamples": resamples,
-              "metrics": summarise(results, resamples=resamples), "storyboards": results}
+              "metrics": summarise(results, resamples=resamples),
+              "colour_at_place": {k: float(np.mean([r["colour_at_place"][k] for r in results]))
+                                  for k in results[0]["colour_at_place"]},
+              "storyboards": results}
     with open(os.path.join(tmp, "eval.json"), "w", encoding="utf-8") as f:
       json.dump(result, f, indent=2)
     plot_per_segment({_LABELS[m]: result["metrics"][m]["per_segment"] for m in METRICS},
@@ -297,8 +311,10 @@ def main(argv):
   sampling = sampling_overrides(f.guidance_scale, f.num_steps, f.sampler)
   result = run(f.workdir, f.storyboards, f.out, num_storyboards=f.num_storyboards, seed=f.seed,
                stage=f.stage, sampling=sampling)
-  print(json.dumps({m: {k: round(v, 4) for k, v in result["metrics"][m].items()
-                        if k != "per_segment"} for m in METRICS}))
+  print(json.dumps({**{m: {k: round(v, 4) for k, v in result["metrics"][m].items()
+                          if k != "per_segment"} for m in METRICS},
+                    "colour_at_place": {k: round(v, 4)
+                                        for k, v in result["colour_at_place"].items()}}))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ from scipy import ndimage
 
 from ttt_jax.data.features import frames_per_segment
 from ttt_jax.data.toy_toons import (CHARACTER_COLORS, FLOOR_COLORS, ROOM_COLORS, SHAPES, Character,
-                                    Facts, Geometry, Story, geometry, sprite_mask)
+                                    Facts, Geometry, Story, geometry, sprite_mask,
+                                    trajectories)
 
 _PALETTE_NAMES = (*ROOM_COLORS, *FLOOR_COLORS, *CHARACTER_COLORS)
 _PALETTE = np.array([{**ROOM_COLORS, **FLOOR_COLORS, **CHARACTER_COLORS}[n]
@@ -160,6 +161,58 @@ def persistence_score(video: np.ndarray, story_or_facts: Story | Facts,
     scores["shape"].append(float(np.mean(shape_ok)))
   later = {f"{k}_later": _later_mean(v) for k, v in scores.items()}
   return {**scores, **later, "overall": float(np.mean(list(later.values())))}
+
+
+# colour_at_place's classes of the colour drawn where a character should be.
+PLACE_CLASSES = ("stated", "swapped", "third", "background")
+
+
+def colour_at_place(video: np.ndarray, story: Story, fps: int | None = None) -> dict[str, Any]:
+  """Which colour is drawn where the story puts each character: is identity bound to the name?
+
+  Persistence asks whether a blob of the character's colour exists anywhere; this asks what is
+  at the character's own place. In _CHECKED_FRAMES frames of each segment, the median colour of
+  the video under each character's rendered sprite mask is snapped to the palette and classed:
+  "stated" (its colour), "swapped" (the other character's), "third" (a character colour the
+  story does not use) or "background" (a wall or floor colour: nothing drawn there). A model
+  whose memory keeps the story's two colours but not which name has which draws "swapped" as
+  often as "stated" in the later segments.
+
+  Args:
+    video: uint8 [1 + 3*fps*N, H, W, 3].
+    story: gives each character's colour, shape and path.
+    fps: frames per second of `video`; default the story's.
+
+  Returns:
+    For each class of PLACE_CLASSES, the per-segment share [N] of (frame, character) checks, and
+    f"{class}_later": its mean over segments 2..N.
+  """
+  fps = fps or story.fps
+  video = np.asarray(video)
+  segments, per = _segments(video, fps)
+  if segments != story.segments:
+    raise ValueError(f"video has {segments} segments, story {story.segments}")
+  if video.shape[1:3] != (story.height, story.width):
+    raise ValueError(f"video frames are {video.shape[1:3]}, the story's "
+                     f"{(story.height, story.width)}")
+  g = geometry(story.height, story.width)
+  paths = trajectories(story)
+  masks = [sprite_mask(c.shape, g.sprite) for c in story.characters]
+  colours = [_PALETTE_NAMES.index(c.color) for c in story.characters]
+  characters = {_PALETTE_NAMES.index(n) for n in CHARACTER_COLORS}
+  shares = {k: [] for k in PLACE_CLASSES}
+  for i in range(segments):
+    counts = dict.fromkeys(PLACE_CLASSES, 0)
+    for f in 1 + i * per + np.linspace(0, per - 1, _CHECKED_FRAMES).round().astype(int):
+      for c, (mask, colour) in enumerate(zip(masks, colours)):
+        x, y = paths[f, c]
+        label = int(_labels(np.median(video[f, y:y + g.sprite, x:x + g.sprite][mask], axis=0)))
+        counts["stated" if label == colour else "swapped" if label in colours
+               else "third" if label in characters else "background"] += 1
+    total = sum(counts.values())
+    for k in PLACE_CLASSES:
+      shares[k].append(counts[k] / total)
+  return {**shares, **{f"{k}_later": _later_mean(v) for k, v in shares.items()}}
 
 
 def _classify_motion(track: np.ndarray, g: Geometry) -> str:
