@@ -52,6 +52,19 @@ def _facts_and_fps(story_or_facts: Story | Facts, fps: int | None) -> tuple[Fact
   return story_or_facts, fps or 16
 
 
+def _checked_frames(segment: int, per: int) -> np.ndarray:
+  """Indices of the _CHECKED_FRAMES frames of `segment` (0-based) the per-frame checks read."""
+  return 1 + segment * per + np.linspace(0, per - 1, _CHECKED_FRAMES).round().astype(int)
+
+
+def _story_segments(video: np.ndarray, story: Story, fps: int) -> tuple[int, int]:
+  """_segments, refusing a video whose segment count is not the story's."""
+  segments, per = _segments(video, fps)
+  if segments != story.segments:
+    raise ValueError(f"video has {segments} segments, story {story.segments}")
+  return segments, per
+
+
 def _segments(video: np.ndarray, fps: int) -> tuple[int, int]:
   """(segments, frames per segment) of a [1 + 3*fps*N, H, W, 3] video."""
   per = frames_per_segment(fps)
@@ -144,7 +157,7 @@ def persistence_score(video: np.ndarray, story_or_facts: Story | Facts,
   wall_idx, floor_idx = _PALETTE_NAMES.index(facts.room), _PALETTE_NAMES.index(facts.floor)
   scores = {"room": [], "color": [], "shape": []}
   for i in range(segments):
-    frames = video[1 + i * per + np.linspace(0, per - 1, _CHECKED_FRAMES).round().astype(int)]
+    frames = video[_checked_frames(i, per)]
     labels = _labels(np.concatenate([frames[:, 0], frames[:, 1:wall_rows, 0],
                                      frames[:, 1:wall_rows, -1], frames[:, -1]], axis=1))
     wall, floor = labels[:, :-finder.g.width], labels[:, -finder.g.width:]
@@ -189,9 +202,7 @@ def colour_at_place(video: np.ndarray, story: Story, fps: int | None = None) -> 
   """
   fps = fps or story.fps
   video = np.asarray(video)
-  segments, per = _segments(video, fps)
-  if segments != story.segments:
-    raise ValueError(f"video has {segments} segments, story {story.segments}")
+  segments, per = _story_segments(video, story, fps)
   if video.shape[1:3] != (story.height, story.width):
     raise ValueError(f"video frames are {video.shape[1:3]}, the story's "
                      f"{(story.height, story.width)}")
@@ -203,7 +214,7 @@ def colour_at_place(video: np.ndarray, story: Story, fps: int | None = None) -> 
   shares = {k: [] for k in PLACE_CLASSES}
   for i in range(segments):
     counts = dict.fromkeys(PLACE_CLASSES, 0)
-    for f in 1 + i * per + np.linspace(0, per - 1, _CHECKED_FRAMES).round().astype(int):
+    for f in _checked_frames(i, per):
       for c, (mask, colour) in enumerate(zip(masks, colours)):
         x, y = paths[f, c]
         label = int(_labels(np.median(video[f, y:y + g.sprite, x:x + g.sprite][mask], axis=0)))
@@ -250,9 +261,7 @@ def text_following_score(video: np.ndarray, story: Story,
   """
   fps = fps or story.fps
   video = np.asarray(video)
-  segments, per = _segments(video, fps)
-  if segments != story.segments:
-    raise ValueError(f"video has {segments} segments, story {story.segments}")
+  segments, per = _story_segments(video, story, fps)
   finder = _Finder(story.facts, video.shape[1], video.shape[2])
   per_segment, predicted = [], []
   for i in range(segments):
