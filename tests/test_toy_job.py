@@ -1,4 +1,5 @@
-"""ttt_jax/toy_job.py's host-device split (the job itself runs in tests/test_pipeline.py)."""
+"""ttt_jax/toy_job.py's host-device split and its check of a workdir's latents (the job itself
+runs in tests/test_pipeline.py)."""
 import os
 import subprocess
 import sys
@@ -81,3 +82,21 @@ def test_channel_weights_need_a_whitened_autoencoder(tmp_path):
   checkpoint.save_model(str(tmp_path), PixelVAEConfig(patch=4))
   with pytest.raises(ValueError, match="channel_weight_power=2.0.*per-channel std"):
     toy_job.channel_weights(str(tmp_path), 2.0)
+
+
+def test_latents_of_other_stories_stop_the_job(tmp_path):
+  """A rerun whose config builds other stories (here one more) must not train on the old
+  stories' latents: the job names both datasets instead."""
+  import json  # pylint: disable=g-import-not-at-top
+  from ttt_jax import toy_job  # pylint: disable=g-import-not-at-top
+  from ttt_jax.data.builders import toy_toons  # pylint: disable=g-import-not-at-top
+  one, two = (toy_toons.build(tmp_path / "data", segments=1, num_train=n, num_test=1)
+              for n in (1, 2))
+  latents = tmp_path / "latents"
+  assert toy_job.needs_encoding(str(latents), one)
+  latents.mkdir()
+  # What precompute records: the absolute source path, which a moved workdir changes.
+  (latents / "precompute.json").write_text(json.dumps({"source": str(one.data_path)}))
+  assert not toy_job.needs_encoding(str(latents), one)
+  with pytest.raises(ValueError, match=r"train1_test1.*train2_test1.*new --workdir"):
+    toy_job.needs_encoding(str(latents), two)

@@ -220,6 +220,32 @@ def build_autoencoder(config, workdir: str, datasets) -> str:
   return vae_dir
 
 
+def _dataset_name(path: str) -> str:
+  """A built toy_toons dataset's config and version, "9s_..._train256_test2_seed0/1.0.0", from its
+  directory: every value its stories depend on (the builder's config name spells them out)."""
+  return "/".join(os.path.normpath(os.fspath(path)).split(os.sep)[-2:])
+
+
+def needs_encoding(latents: str, dataset) -> bool:
+  """Whether `latents` (a precompute output directory) has still to be encoded from `dataset`
+  (a built toy_toons builder): True when it holds no complete encoding.
+
+  Raises:
+    ValueError: it was encoded from other stories (a workdir rerun with, say,
+      `--config.toy.num_train.s9=1024`). Its stages trained on them too, and re-encoding would
+      leave them found complete, so the job stops rather than mix the two.
+  """
+  path = os.path.join(latents, "precompute.json")
+  if not os.path.exists(path):
+    return True
+  with open(path) as f:
+    source = _dataset_name(json.load(f)["source"])
+  if source != _dataset_name(dataset.data_path):
+    raise ValueError(f"{latents} was encoded from toy_toons {source}, but the config builds "
+                     f"{_dataset_name(dataset.data_path)}: use a new --workdir for other stories")
+  return False
+
+
 def _with_models(stage, spm: str, t5_dir: str, vae_dir: str):
   stage = ml_collections.ConfigDict(stage.to_dict())
   stage.text.tokenizer, stage.text.checkpoint, stage.vae.checkpoint = spm, t5_dir, vae_dir
@@ -286,7 +312,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     start = time.perf_counter()
     latents = os.path.join(workdir, "latents", f"toy_{seconds}s")  # the image stage's too
     encoded = ""
-    if not os.path.exists(os.path.join(latents, "precompute.json")):
+    if needs_encoding(latents, datasets[seconds]):
       precompute(stage, datasets[seconds].data_path, latents, "train")
       encoded = f"encoded {datasets[seconds].info.splits['train'].num_examples} videos, "
     stage.data.latents = latents
