@@ -9,7 +9,8 @@ text encoder and a fitted autoencoder (see ttt_jax/toy_job.py for which are trai
 trains the DiT through an image stage and the five stages with hand-off, samples one minute from
 a held-out storyboard and reports toy_toons' persistence, text-following and frame statistics.
 Rerunning with the same workdir resumes where it stopped. On two cores the default took 10:37
-(run 10's recipe, Zen 4 with AVX-512) and 18:01 (run 11's, Zen 3): the machine sets the time.
+(run 10's recipe, Zen 4 with AVX-512), and run 11's 11:53 and 18:01 on two days on the same Zen
+3 model, with byte-identical results: the host's load sets the time.
 
 The stage configs are configs/tomjerry_common.stage_config's, with the same structure (segment
 counts, latent frame counts, schedules, optimizer, clipping, text dropout); what changes is size,
@@ -75,10 +76,10 @@ TOY_STAGES = {3: (2400, 4), 9: (450, 4), 18: (450, 2), 30: (30, 2), 63: (15, 1)}
 # persistence 0.481 [0.443, 0.518] and text following 0.085; this variant was not rerun since.
 CLIPS_ONLY_STEPS = 3000
 # `:long`: four times run 8's training, stage 1 on clips alone (no image stage unless
-# `:long,images`). Measured with keyframes every 4 frames (46 minutes here, commit 610c5e0; not
-# rerun at 8): on 12 held-out minutes persistence 0.633 [0.600, 0.668] and text following 0.327
-# against run 8's 0.481 and 0.085: segment 1 draws the characters' colours and shapes at 0.93 and
-# 0.85 against 0.57 and 0.30 (README, "`:long`: four times the training").
+# `:long,images`). On run 11's recipe (25 minutes here): on 12 held-out minutes persistence 0.711
+# [0.676, 0.748] and text following 0.361 [0.292, 0.433] against the job's 0.616 and 0.254;
+# segment 1 draws the characters' colours and shapes at 0.91 and 0.78 against 0.87 and 0.63
+# (README, "`:long`: four times the training").
 LONG_STAGES = {3: (12800, 4), 9: (1200, 4), 18: (1200, 2), 30: (80, 2), 63: (40, 1)}
 # The image stage: (steps, batch) before the 3 s stage, on the 3 s clips' keyframes, one at a
 # time, as one-frame videos (CogVideoX trains on images beside videos). A keyframe step at batch
