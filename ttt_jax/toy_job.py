@@ -235,14 +235,16 @@ def needs_encoding(latents: str, dataset) -> bool:
       `--config.toy.num_train.s9=1024`). Its stages trained on them too, and re-encoding would
       leave them found complete, so the job stops rather than mix the two.
   """
-  path = os.path.join(latents, "precompute.json")
+  from ttt_jax.data.loader import INFO_FILE  # pylint: disable=g-import-not-at-top
+  path = os.path.join(latents, INFO_FILE)
   if not os.path.exists(path):
     return True
   with open(path) as f:
     source = _dataset_name(json.load(f)["source"])
-  if source != _dataset_name(dataset.data_path):
+  wanted = _dataset_name(dataset.data_path)
+  if source != wanted:
     raise ValueError(f"{latents} was encoded from toy_toons {source}, but the config builds "
-                     f"{_dataset_name(dataset.data_path)}: use a new --workdir for other stories")
+                     f"{wanted}: use a new --workdir for other stories")
   return False
 
 
