@@ -63,8 +63,19 @@ def test_score_and_summary_of_storyboards_of_different_lengths(story):
   for s in scored:
     for metric in evaluate.METRICS:
       assert s[metric]["mean"] == 1.0  # the metrics' own reference
-    assert s["colour_at_place"] == {"stated_segment_1": 1.0, "stated": 1.0, "swapped": 0.0,
-                                    "third": 0.0, "background": 0.0}
+  # story: segment 2 in segment 1's scene, segment 3 after a cut; short: no cut.
+  assert story.scene_start == (True, False, True) and short.scene_start == (True, False)
+  truth = {"stated_segment_1": 1.0, "stated": 1.0, "swapped": 0.0, "third": 0.0,
+           "background": 0.0, "stated_first_scene": 1.0, "swapped_first_scene": 0.0}
+  assert scored[0]["colour_at_place"] == {**truth, "stated_after_cut": 1.0,
+                                          "swapped_after_cut": 0.0}
+  assert scored[1]["colour_at_place"] == {**truth, "stated_after_cut": None,
+                                          "swapped_after_cut": None}
+  # Over storyboards, each key over those that have it.
+  mean = evaluate.mean_place_shares([{"stated": 1.0, "stated_after_cut": None},
+                                     {"stated": 0.5, "stated_after_cut": 0.25}])
+  assert mean == {"stated": 0.75, "stated_after_cut": 0.25}
+  assert evaluate.mean_place_shares([{"stated_after_cut": None}]) == {"stated_after_cut": None}
   summary = evaluate.summarise(scored, resamples=100)
   assert summary["persistence"]["mean"] == 1.0
   assert len(summary["text_following"]["per_segment"]["mean"]) == 3  # the longest storyboard

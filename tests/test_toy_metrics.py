@@ -134,6 +134,28 @@ def test_colour_at_place_classes(story, truth, name, later):
     assert got[f"{k}_later"] == want and all(v == want for v in got[k][1:]), (k, got)
 
 
+def test_colour_at_place_by_scene():
+  """Colours swapped only after the scene cut count as swapped there, stated in segment 1's."""
+  story = toy.generate_story(4, 5)
+  assert story.scene_start == (True, False, True, False, False)
+  a, b = story.characters
+  swapped = toy.render(dataclasses.replace(story, characters=(
+      dataclasses.replace(a, color=b.color), dataclasses.replace(b, color=a.color))))
+  video = toy.render(story)
+  cut = 1 + 2 * 3 * FPS  # the first frame of segment 3
+  video[cut:] = swapped[cut:]
+  got = metrics.colour_at_place(video, story)
+  assert got["stated_first_scene"] == 1.0 and got["swapped_first_scene"] == 0.0
+  assert got["stated_after_cut"] == 0.0 and got["swapped_after_cut"] == 1.0
+  assert got["stated_later"] == 0.25
+  uncut = toy.generate_story(1, 5)  # a cut only at segment 5
+  assert uncut.scene_start == (True, False, False, False, True)
+  got = metrics.colour_at_place(toy.render(uncut), uncut)
+  assert got["stated_after_cut"] == 1.0 and got["stated_first_scene"] == 1.0
+  no_cut = toy.generate_story(5, 2)
+  assert metrics.colour_at_place(toy.render(no_cut), no_cut)["stated_after_cut"] is None
+
+
 def test_metrics_reject_bad_layout(truth, story):
   with pytest.raises(ValueError, match="segments"):
     metrics.persistence_score(truth[:-1], story)

@@ -34,6 +34,10 @@ compared on the same noise):
                   the colours drawn where the story puts each character, the shares that are its
                   own, the other character's ("swapped"), a third character colour, or the
                   background. Outside the bootstrap: it says why persistence's colours fail.
+                  "stated_first_scene" / "swapped_first_scene" count the later segments still
+                  in segment 1's scene (the colour can carry on from the frame before),
+                  "..._after_cut" those after a scene cut (only a name-to-colour memory helps);
+                  each the mean over the storyboards that have such segments.
 
 OUT (default WORKDIR/eval, replaced whole, never half-written): eval.json (per storyboard, and
 "metrics": means over storyboards with percentile-bootstrap intervals, overall and per segment),
@@ -173,10 +177,22 @@ def score(video: np.ndarray, story: Any) -> dict[str, Any]:
   }
 
 
-def place_shares(place: dict[str, Any]) -> dict[str, float]:
-  """toy_metrics.colour_at_place's result -> {"stated_segment_1", and each class's later share}."""
+def place_shares(place: dict[str, Any]) -> dict[str, float | None]:
+  """toy_metrics.colour_at_place's result -> {"stated_segment_1", each class's later share, and
+  "stated" and "swapped" in segment 1's scene and after a cut (None: the story has none)}."""
   return {"stated_segment_1": place["stated"][0],
-          **{k: place[f"{k}_later"] for k in toy_metrics.PLACE_CLASSES}}
+          **{k: place[f"{k}_later"] for k in toy_metrics.PLACE_CLASSES},
+          **{f"{k}_{scene}": place[f"{k}_{scene}"] for scene in ("first_scene", "after_cut")
+             for k in ("stated", "swapped")}}
+
+
+def mean_place_shares(per_storyboard: list[dict[str, Any]]) -> dict[str, float | None]:
+  """place_shares averaged over storyboards, each key over those that have it (not None)."""
+  out = {}
+  for k in per_storyboard[0]:
+    values = [s[k] for s in per_storyboard if s[k] is not None]
+    out[k] = float(np.mean(values)) if values else None
+  return out
 
 
 def summarise(per_storyboard: list[dict[str, Any]], *, resamples: int = bootstrap.RESAMPLES,
@@ -292,8 +308,7 @@ def _run(workdir: str, storyboards: list[str] | None, out: str | None, num_story
               "seed": seed, "sampling": config.sampling.to_dict(),
               "confidence": bootstrap.CONFIDENCE, "resamples": resamples,
               "metrics": summarise(results, resamples=resamples),
-              "colour_at_place": {k: float(np.mean([r["colour_at_place"][k] for r in results]))
-                                  for k in results[0]["colour_at_place"]},
+              "colour_at_place": mean_place_shares([r["colour_at_place"] for r in results]),
               "storyboards": results}
     with open(os.path.join(tmp, "eval.json"), "w", encoding="utf-8") as f:
       json.dump(result, f, indent=2)
@@ -313,7 +328,7 @@ def main(argv):
                stage=f.stage, sampling=sampling)
   print(json.dumps({**{m: {k: round(v, 4) for k, v in result["metrics"][m].items()
                           if k != "per_segment"} for m in METRICS},
-                    "colour_at_place": {k: round(v, 4)
+                    "colour_at_place": {k: v if v is None else round(v, 4)
                                         for k, v in result["colour_at_place"].items()}}))
 
 

@@ -197,8 +197,13 @@ def colour_at_place(video: np.ndarray, story: Story, fps: int | None = None) -> 
     fps: frames per second of `video`; default the story's.
 
   Returns:
-    For each class of PLACE_CLASSES, the per-segment share [N] of (frame, character) checks, and
-    f"{class}_later": its mean over segments 2..N.
+    For each class of PLACE_CLASSES, the per-segment share [N] of (frame, character) checks,
+    f"{class}_later": its mean over segments 2..N, and that mean split by scene:
+    f"{class}_first_scene" over the later segments still in segment 1's scene, where each
+    character can keep the colour it wore a frame before, and f"{class}_after_cut" over those
+    after a scene cut, which put the characters at new places: there only a memory of which name
+    wears which colour draws "stated" more often than "swapped". None where a story has no such
+    segment.
   """
   fps = fps or story.fps
   video = np.asarray(video)
@@ -223,7 +228,14 @@ def colour_at_place(video: np.ndarray, story: Story, fps: int | None = None) -> 
     total = sum(counts.values())
     for k in PLACE_CLASSES:
       shares[k].append(counts[k] / total)
-  return {**shares, **{f"{k}_later": _later_mean(v) for k, v in shares.items()}}
+  # Segment i (0-based, i >= 1) is in segment 1's scene until the first later scene start.
+  first_scene = np.logical_and.accumulate(~np.asarray(story.scene_start[1:], bool))
+  split = {}
+  for k, v in shares.items():
+    later = np.asarray(v[1:])
+    for name, where in (("first_scene", first_scene), ("after_cut", ~first_scene)):
+      split[f"{k}_{name}"] = float(later[where].mean()) if where.any() else None
+  return {**shares, **{f"{k}_later": _later_mean(v) for k, v in shares.items()}, **split}
 
 
 def _classify_motion(track: np.ndarray, g: Geometry) -> str:
